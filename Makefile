@@ -1,0 +1,73 @@
+# edgefleet: the two commands a newcomer needs are `make demo` and `make test`.
+# Each sets itself up: a .venv in the checkout, torch's CPU wheel pinned first, Mosquitto where missing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgefleet-installed
+# torch is installed by this pin before the project so that nothing pulls a multi-GB CUDA build.
+# Elsewhere, point pip at a CPU index with e.g. TORCH_PIP_ARGS="--index-url <your CPU wheel index>".
+TORCH_PIN      ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+SHADOW := build/src/edgefleet
+
+.PHONY: help venv services lint types contracts pytest test demo bench schemas clean
+
+help:
+	@echo "make demo   run the end-to-end demo (sets itself up)"
+	@echo "make test   lint, types, layer contracts and the test suite (sets itself up)"
+	@echo "make bench  run the benchmarks and update docs/benchmarks.md"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_PIN)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Mosquitto: the tests use one answering on 127.0.0.1:1883, else start their own from the binary.
+# Install Debian's package where the binary is missing and we may (root with apt-get).
+services:
+	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's mosquitto package"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients) \
+	      || echo "could not install mosquitto: MQTT tests will skip unless a broker answers on 127.0.0.1:1883"; \
+	  else \
+	    echo "mosquitto missing and not root: MQTT tests will skip unless a broker answers on 127.0.0.1:1883"; \
+	  fi; \
+	fi
+
+# mypy and import-linter cannot follow setuptools' editable finder; they read this symlink tree.
+$(SHADOW):
+	mkdir -p $(SHADOW)
+	for p in protocols agent compression controller; do ln -sfn ../../../$$p $(SHADOW)/$$p; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: $(STAMP) $(SHADOW)
+	$(BIN)/mypy -p edgefleet
+
+contracts: $(STAMP) $(SHADOW)
+	PYTHONPATH=build/src $(BIN)/lint-imports
+
+pytest: $(STAMP) services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint types contracts pytest
+
+schemas: $(STAMP)
+	$(BIN)/python -m edgefleet.protocols.schemas docs/schemas
+
+demo: $(STAMP) services
+	$(BIN)/edgefleet demo $(DEMO_ARGS)
+
+bench: $(STAMP) services
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache .hypothesis

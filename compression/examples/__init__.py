@@ -1,0 +1,1 @@
+"""Shipped example models and the data they train on (nothing is downloaded)."""

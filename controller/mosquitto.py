@@ -146,9 +146,7 @@ class ManagedMosquitto:
                 return
             time.sleep(0.05)
         self.stop()
-        raise BrokerError(
-            f"mosquitto did not answer on {self.host}:{self.port} within {self._start_timeout}s"
-        )
+        raise BrokerError(f"mosquitto did not answer on {self.host}:{self.port} within {self._start_timeout}s")
 
     def stop(self, *, timeout: float = 5.0) -> None:
         proc, self._proc = self._proc, None

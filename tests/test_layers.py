@@ -10,9 +10,7 @@ HEAVY = ("torch", "sqlmodel", "sqlalchemy", "prometheus_client", "typer")
 
 def _modules_after(code: str) -> set[str]:
     probe = f"{code}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
-    out = subprocess.run(
-        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, timeout=120)
     return set(out.stdout.split())
 
 
@@ -48,8 +46,6 @@ def test_console_scripts_answer_help() -> None:
             f"sys.argv = ['{script}', '--help']\n"
             "entry.load()()\n"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stderr
         assert "usage" in out.stdout.lower()

@@ -1,0 +1,117 @@
+"""Device profiles: what a device class can hold and run, read from TOML files.
+
+A profile is part of the wire contract because agents report the same capabilities in their birth message
+and because the planner, the controller and the agent must agree on what "fits" means.
+
+A profile file has one `[profile]` table (other tables, such as a recompression `[policy]`, belong to
+other readers)::
+
+    [profile]
+    name = "rpi4"
+    storage_budget_bytes = 2_000_000
+    ram_budget_bytes = 134_217_728
+    latency_budget_ms = 5.0
+    threads = 4
+    int8_dot_product = false
+    speed_factor = 6.0
+    max_accuracy_drop = 0.01
+    onnxruntime_version = "1.17"
+    opset = 17
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgefleet.protocols.errors import ProfileError
+
+__all__ = ["DeviceProfile", "load_profile", "parse_profile"]
+
+MAX_PROFILE_FILE_BYTES = 64 * 1024
+_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class DeviceProfile(BaseModel):
+    """What one device class can store, hold in RAM and compute, and how good its model must stay."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=_NAME, description="device class name, lower case")]
+    description: Annotated[str, Field(max_length=500)] = ""
+    storage_budget_bytes: Annotated[int, Field(gt=0, description="flash/disk the model file may take")]
+    ram_budget_bytes: Annotated[int, Field(gt=0, description="peak RSS of a process running the model")]
+    latency_budget_ms: Annotated[float, Field(gt=0, description="p95 latency of one inference on the device")]
+    threads: Annotated[int, Field(ge=1, le=256, description="intra-op threads onnxruntime uses on the device")]
+    int8_dot_product: Annotated[
+        bool, Field(description="CPU has int8 dot-product instructions (x86 VNNI, ARM dotprod)")
+    ]
+    speed_factor: Annotated[
+        float, Field(gt=0, le=1000, description="how many times slower than the compressing host")
+    ] = 1.0
+    accuracy_floor: Annotated[float | None, Field(ge=0, le=1, description="absolute accuracy floor")] = None
+    max_accuracy_drop: Annotated[
+        float | None, Field(ge=0, le=1, description="largest accepted drop versus fp32, as a fraction")
+    ] = None
+    onnxruntime_version: Annotated[str, Field(pattern=r"^\d+\.\d+(\.\d+)?$")] = "1.17"
+    opset: Annotated[int, Field(ge=7, le=30, description="highest ONNX opset the device runtime supports")] = 17
+    block_size_bytes: Annotated[
+        int, Field(ge=4096, le=131072, description="artifact block size for transfers to this class")
+    ] = 32768
+
+    @model_validator(mode="after")
+    def _one_accuracy_rule(self) -> Self:
+        if self.accuracy_floor is None and self.max_accuracy_drop is None:
+            object.__setattr__(self, "max_accuracy_drop", 0.01)
+        return self
+
+    def required_accuracy(self, fp32_accuracy: float) -> float:
+        """The accuracy a candidate must reach, given the fp32 model's accuracy on the same data."""
+        floors = [0.0]
+        if self.accuracy_floor is not None:
+            floors.append(self.accuracy_floor)
+        if self.max_accuracy_drop is not None:
+            floors.append(fp32_accuracy - self.max_accuracy_drop)
+        return max(floors)
+
+    def onnxruntime_tuple(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", self.onnxruntime_version))
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "profile"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_profile(data: dict[str, Any], *, source: str = "<profile>") -> DeviceProfile:
+    """Validate a parsed TOML document (its `[profile]` table); errors name the field and the source."""
+    table = data.get("profile")
+    if not isinstance(table, dict):
+        raise ProfileError(f"{source}: no [profile] table")
+    try:
+        return DeviceProfile.model_validate(table)
+    except ValidationError as exc:
+        raise ProfileError(f"{source}: {_describe(exc)}") from exc
+
+
+def load_profile(path: Path | str) -> DeviceProfile:
+    """Read a profile TOML file. Raises `ProfileError` naming the file and the field that is wrong."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read profile file ({exc.strerror or exc})") from exc
+    if len(raw) > MAX_PROFILE_FILE_BYTES:
+        raise ProfileError(f"{path}: profile file is {len(raw)} bytes, more than {MAX_PROFILE_FILE_BYTES}")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ProfileError(f"{path}: not valid TOML ({exc})") from exc
+    return parse_profile(data, source=str(path))

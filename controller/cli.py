@@ -3,15 +3,27 @@
 Nothing here imports torch at module level: `edgefleet --help` must stay fast and must work where the
 compression stack is broken. Verbs that need torch import `edgefleet.compression` inside the command.
 Exit codes: 0 ok, 1 failure (a clear message, never a traceback), 2 usage.
+
+Settings come from the root options, then `EDGEFLEET_*` environment variables, then the TOML file
+(`<home>/edgefleet.toml` or `--config`), e.g. `edgefleet --home /srv/ef device list --json`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from edgefleet.controller.cli_common import CliState, JsonOpt, guarded, settings_of, to_jsonable
 from edgefleet.controller.cli_compress import compress_app
+from edgefleet.controller.cli_device import device_app
+from edgefleet.controller.cli_fleet import class_app, fleet_app
+from edgefleet.controller.cli_model import artifact_app, model_app
+from edgefleet.controller.cli_ops import broker_app, deploy, serve
+from edgefleet.controller.home import init_home
 
 __all__ = ["app", "main"]
 
@@ -22,33 +34,69 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def root(  # noqa: PLR0917 - typer passes options by position
+    ctx: typer.Context,
+    home: Annotated[Path | None, typer.Option("--home", help="edgefleet home [env EDGEFLEET_HOME]")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file [env EDGEFLEET_CONFIG]")] = None,
+    database_url: Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL (default SQLite)")] = None,
+    mqtt_host: Annotated[str | None, typer.Option("--mqtt-host", help="broker host")] = None,
+    mqtt_port: Annotated[int | None, typer.Option("--mqtt-port", help="broker port")] = None,
+    mqtt_username: Annotated[str | None, typer.Option("--mqtt-username", help="broker username")] = None,
+    mqtt_password: Annotated[str | None, typer.Option("--mqtt-password", help="broker password")] = None,
+    fleet: Annotated[str | None, typer.Option("--fleet", help="fleet to serve (default: default)")] = None,
+    shared_subscriptions: Annotated[
+        bool | None, typer.Option("--shared-subscriptions/--no-shared-subscriptions", help="MQTT 5 shared subs")
+    ] = None,
+) -> None:
+    """Settings given here win over EDGEFLEET_* variables, which win over the TOML file."""
+    ctx.obj = CliState(
+        flags={
+            "home": home,
+            "database_url": database_url,
+            "mqtt_host": mqtt_host,
+            "mqtt_port": mqtt_port,
+            "mqtt_username": mqtt_username,
+            "mqtt_password": mqtt_password,
+            "fleet": fleet,
+            "shared_subscriptions": shared_subscriptions,
+        },
+        config_file=config,
+    )
+
+
+@app.command("init")
+@guarded
+def init(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Create the edgefleet home: registry database (migrated), Ed25519 signing key, the default fleet."""
+    summary = init_home(settings_of(ctx))
+    if as_json:
+        typer.echo(json.dumps(to_jsonable(summary), indent=2))
+        return
+    typer.echo(f"edgefleet home {summary.home} ready")
+    typer.echo(f"  registry    {summary.database}")
+    typer.echo(f"  signing key {summary.key_path} (key id {summary.key_id}; public key {summary.public_key_path})")
+    typer.echo(f"  fleet       {summary.fleet}")
+
+
+app.add_typer(fleet_app, name="fleet")
+app.add_typer(class_app, name="class")
+app.add_typer(device_app, name="device")
+app.add_typer(model_app, name="model")
+app.add_typer(artifact_app, name="artifact")
+app.command("deploy")(deploy)
+app.add_typer(broker_app, name="broker")
+app.command("serve")(serve)
 app.add_typer(compress_app, name="compress")
 
-_LATER = {
-    "init": "create the edgefleet home: registry database and signing key",
-    "fleet": "create and list fleets",
-    "class": "add, list and show device classes and their profiles",
-    "device": "register devices and see their state",
-    "model": "add models to the registry",
-    "artifact": "list and show compressed, signed artifacts",
-    "deploy": "push an artifact to a device or a class",
-    "broker": "write a Mosquitto config for the fleet, or run one",
-    "serve": "run the controller service",
-    "demo": "run the end-to-end demo",
-}
 
-
-def _not_yet(name: str, summary: str) -> None:
-    def command() -> None:
-        typer.echo(f"edgefleet {name}: not implemented yet", err=True)
-        raise typer.Exit(1)
-
-    command.__doc__ = f"{summary[0].upper()}{summary[1:]} (not implemented yet)."
-    app.command(name=name)(command)
-
-
-for _name, _summary in _LATER.items():
-    _not_yet(_name, _summary)
+@app.command("demo")
+def demo() -> None:
+    """Run the end-to-end demo (not implemented yet)."""
+    typer.echo("edgefleet demo: not implemented yet", err=True)
+    raise typer.Exit(1)
 
 
 def main() -> None:

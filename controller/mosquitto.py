@@ -64,12 +64,22 @@ def tuned_settings(*, persistence_dir: Path | None = None) -> list[str]:
         "set_tcp_nodelay true",
         "max_queued_messages 100000",
         "max_inflight_messages 1000",
-        "max_packet_size 1048576",
+        # a deploy command may carry a manifest of up to 1 MiB (4096 block digests plus validation samples)
+        "max_packet_size 2097152",
         "persistent_client_expiration 14d",
     ]
     if persistence_dir is not None:
         lines += ["persistence true", f"persistence_location {persistence_dir}/"]
     return lines
+
+
+def _keep_user() -> list[str]:
+    # Started as root, Mosquitto drops to the `mosquitto` user before it reads the password and ACL files,
+    # which then cannot open files in a private working directory. A broker we manage runs as whoever
+    # started it instead.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return ["user root"]
+    return []
 
 
 class ManagedMosquitto:
@@ -83,14 +93,15 @@ class ManagedMosquitto:
         self,
         workdir: Path,
         *,
+        host: str = "127.0.0.1",
         port: int | None = None,
         extra_config: list[str] | None = None,
         allow_anonymous: bool = True,
         start_timeout: float = 10.0,
     ) -> None:
         self.workdir = workdir
-        self.host = "127.0.0.1"
-        self.port = port if port is not None else free_port()
+        self.host = host
+        self.port = port if port is not None else free_port(host)
         self._extra = list(extra_config or [])
         self._allow_anonymous = allow_anonymous
         self._start_timeout = start_timeout
@@ -117,6 +128,7 @@ class ManagedMosquitto:
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'true' if self._allow_anonymous else 'false'}",
             *tuned_settings(persistence_dir=data),
+            *_keep_user(),
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
@@ -160,6 +172,20 @@ class ManagedMosquitto:
             proc.wait(timeout=timeout)
         if proc.stderr is not None:
             proc.stderr.close()
+
+    @property
+    def running(self) -> bool:
+        """True while the broker process this object started is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the broker to exit (e.g. `broker run`); returns its exit code, None on timeout."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def restart(self) -> None:
         """Stop and start again on the same port, keeping persisted sessions (fault tests)."""

@@ -1,0 +1,98 @@
+"""Mosquitto configuration for a registered fleet: config file, password file and ACL, from the registry.
+
+- every device's username is its id and its password hash is the registry's `$7$` string (no secret needed);
+- `use_username_as_clientid true`, so a device cannot take over another's session by claiming its client id;
+- ACL patterns keyed on `%u` (from `protocols.topics`), so a device publishes only its own topics;
+- a controller user (and one for the CLI's deploys) that may use everything under the topic root; its password
+  is generated once and kept in the home directory (mode 0600) for `edgefleet serve`;
+- anonymous clients refused; the tuned settings of `ManagedMosquitto` (nodelay, queue limits, persistence).
+
+Example::
+
+    files = write_broker_config(settings, registry.broker_accounts())
+    ManagedMosquitto(...).start()  # or `mosquitto -c files.config`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
+from edgefleet.controller.config import CLI_USERNAME, CONTROLLER_USERNAME, Settings
+from edgefleet.controller.credentials import hash_secret, new_secret, password_file_line
+from edgefleet.controller.errors import ConfigError
+from edgefleet.controller.keys import write_private_file
+from edgefleet.controller.mosquitto import ManagedMosquitto
+from edgefleet.protocols.topics import controller_acl_patterns, device_acl_patterns
+
+__all__ = ["BrokerFiles", "controller_secret", "managed_broker", "write_broker_config"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerFiles:
+    config: Path
+    password_file: Path
+    acl_file: Path
+    devices: int
+
+
+def controller_secret(settings: Settings) -> str:
+    """The controller's MQTT password, created (mode 0600) the first time it is needed."""
+    path = settings.controller_secret_path
+    try:
+        if path.exists():
+            return path.read_text(encoding="utf-8").strip()
+        secret = new_secret()
+        write_private_file(path, (secret + "\n").encode())
+    except OSError as exc:
+        raise ConfigError(f"cannot read or write the controller's MQTT secret {path} ({exc.strerror or exc})") from exc
+    return secret
+
+
+def managed_broker(settings: Settings) -> ManagedMosquitto:
+    """The broker `broker config` describes and `broker run` starts (listener from the MQTT settings)."""
+    broker_dir = settings.broker_dir
+    return ManagedMosquitto(
+        broker_dir,
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        allow_anonymous=False,
+        extra_config=[
+            "use_username_as_clientid true",
+            f"password_file {broker_dir / 'passwd'}",
+            f"acl_file {broker_dir / 'acl'}",
+        ],
+    )
+
+
+def acl_text() -> str:
+    lines = [
+        "# written by `edgefleet broker config`: devices (username = device id) use their own topics only",
+        *device_acl_patterns("+"),
+    ]
+    for user in (CONTROLLER_USERNAME, CLI_USERNAME):
+        lines += ["", f"user {user}", *controller_acl_patterns()]
+    return "\n".join(lines) + "\n"
+
+
+def write_broker_config(settings: Settings, accounts: Iterable[tuple[str, str]]) -> BrokerFiles:
+    """Write config, password file and ACL under `<home>/broker`; `accounts` are (device id, `$7$` hash) pairs."""
+    broker = managed_broker(settings)
+    secret = controller_secret(settings)
+    lines = [password_file_line(user, hash_secret(secret)) for user in (CONTROLLER_USERNAME, CLI_USERNAME)]
+    count = 0
+    for username, stored in accounts:
+        lines.append(password_file_line(username, stored))
+        count += 1
+    passwd = settings.broker_dir / "passwd"
+    acl = settings.broker_dir / "acl"
+    try:
+        write_private_file(passwd, ("\n".join(lines) + "\n").encode())
+        write_private_file(acl, acl_text().encode())
+        config = broker.write_config()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the broker config under {settings.broker_dir} ({exc.strerror or exc})"
+        ) from exc
+    return BrokerFiles(config=config, password_file=passwd, acl_file=acl, devices=count)

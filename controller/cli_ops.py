@@ -1,0 +1,148 @@
+"""`edgefleet deploy`, `edgefleet broker config|run` and `edgefleet serve`: the verbs that talk to MQTT."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from edgefleet.controller.artifacts import ArtifactCatalog
+from edgefleet.controller.broker_config import managed_broker, write_broker_config
+from edgefleet.controller.cli_common import JsonOpt, emit, fail, guarded, open_registry, settings_of
+from edgefleet.controller.deploy import Deployer
+from edgefleet.controller.mosquitto import BrokerError
+from edgefleet.controller.mqtt import MqttClient
+from edgefleet.controller.store import ArtifactStore
+
+__all__ = ["broker_app", "deploy", "serve"]
+
+broker_app = typer.Typer(help="Write a Mosquitto config for the fleet, or run one.", no_args_is_help=True)
+
+
+@guarded
+def deploy(  # noqa: PLR0917 - typer passes options by position
+    ctx: typer.Context,
+    artifact: Annotated[str, typer.Argument(help="artifact id, or class:version")],
+    device: Annotated[list[str] | None, typer.Option("--device", help="device id (repeatable)")] = None,
+    class_name: Annotated[str | None, typer.Option("--class", help="every device of this class")] = None,
+    expires_in: Annotated[float, typer.Option("--expires-in", help="hours the command stays valid")] = 24.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Push an artifact to devices now (signed DeployCommand, QoS 1); waves come with rollouts."""
+    settings = settings_of(ctx)
+    registry = open_registry(ctx)
+    catalog = ArtifactCatalog(registry.db, store=ArtifactStore(settings.store_dir), actor=registry.actor)
+    username, password = settings.mqtt_credentials(cli=True)
+    client = MqttClient(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        client_id=f"{settings.mqtt_client_id}-cli",
+        username=username,
+        password=password,
+        session_expiry_s=0,
+    )
+    deployer = Deployer(registry.db, catalog=catalog, publisher=client, actor=registry.actor)
+    client.connect(timeout=10)
+    try:
+        results = deployer.deploy(
+            artifact, device_ids=device, class_name=class_name, expires_in=dt.timedelta(hours=expires_in)
+        )
+    finally:
+        client.close()
+    rows = [{"job": r.job_id, "device": r.device_id, "state": r.state, "error": r.error} for r in results]
+    emit(rows, columns=["job", "device", "state", "error"], as_json=as_json, title="deploy jobs")
+    if any(r.error for r in results):
+        raise typer.Exit(1)
+
+
+@broker_app.command("config")
+@guarded
+def broker_config(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Write mosquitto.conf, the password file and the ACL for every registered device."""
+    settings = settings_of(ctx)
+    files = write_broker_config(settings, open_registry(ctx).broker_accounts())
+    value = {
+        "config": str(files.config),
+        "password_file": str(files.password_file),
+        "acl_file": str(files.acl_file),
+        "devices": files.devices,
+        "listener": f"{settings.mqtt_host}:{settings.mqtt_port}",
+    }
+    if as_json:
+        typer.echo(json.dumps(value, indent=2))
+        return
+    typer.echo(f"wrote {files.config} ({files.devices} device(s), listener {value['listener']})")
+    typer.echo(f"run it with `edgefleet broker run` or `mosquitto -c {files.config}`")
+
+
+def _wait_for_signal(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@broker_app.command("run")
+@guarded
+def broker_run(ctx: typer.Context) -> None:
+    """Refresh the config from the registry and run Mosquitto with it until interrupted."""
+    settings = settings_of(ctx)
+    write_broker_config(settings, open_registry(ctx).broker_accounts())
+    broker = managed_broker(settings)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        raise fail(f"{exc} (log: {broker.log_path})") from exc
+    typer.echo(f"mosquitto pid {broker.pid} on {broker.host}:{broker.port}; Ctrl-C stops it")
+    stop = threading.Event()
+
+    def watch() -> None:
+        broker.wait()
+        stop.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        _wait_for_signal(stop)
+    finally:
+        broker.stop()
+    typer.echo("mosquitto stopped")
+
+
+@guarded
+def serve(
+    ctx: typer.Context,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus port")] = None,
+) -> None:
+    """Run the controller (MQTT service + metrics endpoint) until SIGINT or SIGTERM."""
+    from edgefleet.controller.app import ControllerApp
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_of(ctx)
+    if metrics_port is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, metrics_port=metrics_port)
+    app = ControllerApp(settings)
+    app.start()
+    typer.echo(
+        f"serving fleet {settings.fleet} from {settings.mqtt_host}:{settings.mqtt_port}; "
+        f"metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    )
+    try:
+        _wait_for_signal(threading.Event())
+    finally:
+        app.stop()
+    typer.echo(f"stopped; {app.service.stats()['recorded_messages']} telemetry message(s) recorded")

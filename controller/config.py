@@ -1,0 +1,197 @@
+"""Controller settings, from flags, then `EDGEFLEET_*` environment variables, then a TOML file, then defaults.
+
+The TOML file is `<home>/edgefleet.toml` unless `--config`/`EDGEFLEET_CONFIG` names another; its keys are the
+field names of `Settings`, at the top level::
+
+    database_url = "postgresql+psycopg://edgefleet@db.example/edgefleet"
+    mqtt_host = "broker.example"
+    mqtt_port = 1883
+    metrics_port = 9464
+    fleet = "plant-a"
+    shared_subscriptions = true
+
+Example::
+
+    settings = load_settings(flags={"home": "/tmp/ef"}, env=os.environ)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from edgefleet.controller.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+
+ENV_PREFIX = "EDGEFLEET_"
+CONFIG_FILE_NAME = "edgefleet.toml"
+CONTROLLER_USERNAME = "edgefleet-controller"
+# The CLI publishes (deploys) under its own name: with `use_username_as_clientid` a second connection of the
+# service's user would take over the running service's session.
+CLI_USERNAME = "edgefleet-cli"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the controller needs to know about where it lives and whom it talks to."""
+
+    home: Path
+    database_url: str | None = None
+    db_timeout: float = 5.0
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_client_id: str = "edgefleet-controller"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    fleet: str = "default"
+    shared_subscriptions: bool = False
+    shared_group: str = "edgefleet"
+    telemetry_window_s: int = 60
+    telemetry_retention_days: float = 7.0
+    flush_interval_s: float = 0.5
+    flush_every: int = 5000
+
+    @property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL: the one given, else a SQLite file in the home directory."""
+        return self.database_url or f"sqlite:///{self.home / 'registry.db'}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def key_path(self) -> Path:
+        return self.home / "keys" / "controller.ed25519"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def controller_secret_path(self) -> Path:
+        """Where `broker config` keeps the controller's own MQTT password (mode 0600)."""
+        return self.home / "keys" / "mqtt-controller.secret"
+
+    def mqtt_credentials(self, *, cli: bool = False) -> tuple[str | None, str | None]:
+        """Username and password for the controller's (or, with `cli`, the CLI's) MQTT connection.
+
+        Explicit settings win; otherwise the users written by `broker config`, when their secret exists.
+        """
+        if self.mqtt_username is not None:
+            return self.mqtt_username, self.mqtt_password
+        try:
+            secret = self.controller_secret_path.read_text(encoding="utf-8").strip()
+        except OSError:
+            return None, None
+        return (CLI_USERNAME if cli else CONTROLLER_USERNAME), secret
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)  # type: ignore[no-any-return]
+    if not isinstance(value, str | int | float):
+        raise ValueError(f"expected a string, got {type(value).__name__}")  # noqa: TRY004 - reported as ConfigError
+    return str(value)
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "home": lambda v: Path(_to_str(v)).expanduser(),
+    "database_url": _to_str,
+    "db_timeout": float,
+    "mqtt_host": _to_str,
+    "mqtt_port": int,
+    "mqtt_username": _to_str,
+    "mqtt_password": _to_str,
+    "mqtt_client_id": _to_str,
+    "metrics_host": _to_str,
+    "metrics_port": int,
+    "fleet": _to_str,
+    "shared_subscriptions": _to_bool,
+    "shared_group": _to_str,
+    "telemetry_window_s": int,
+    "telemetry_retention_days": float,
+    "flush_interval_s": float,
+    "flush_every": int,
+}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    try:
+        return _CONVERT[name](value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {name} = {value!r} is not valid ({exc})") from exc
+
+
+def _read_toml(path: Path, *, required: bool) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc})") from exc
+    unknown = sorted(set(data) - set(_CONVERT))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {', '.join(unknown)} (known: {', '.join(_CONVERT)})")
+    return data
+
+
+def load_settings(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    default_home: Path | None = None,
+) -> Settings:
+    """Merge flags > EDGEFLEET_* env > TOML file > defaults. `None` flag values count as not given."""
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(_CONVERT))
+    if unknown:
+        raise ConfigError(f"unknown settings {', '.join(unknown)}")
+    environ = {name: env[ENV_PREFIX + name.upper()] for name in _CONVERT if env and ENV_PREFIX + name.upper() in env}
+    env_config = env.get(ENV_PREFIX + "CONFIG") if env else None
+    explicit = config_file or (Path(env_config).expanduser() if env_config else None)
+
+    home_from = given.get("home", environ.get("home"))
+    file_data = _read_toml(explicit, required=True) if explicit is not None else {}
+    if home_from is None:
+        home_from = file_data.get("home")
+    home = _convert("home", home_from, "home") if home_from is not None else (default_home or Path("~/.edgefleet"))
+    home = Path(home).expanduser()
+    if explicit is None:
+        file_data = _read_toml(home / CONFIG_FILE_NAME, required=False)
+    values: dict[str, Any] = {"home": home}
+    for name in _CONVERT:
+        if name == "home":
+            continue
+        if name in given:
+            values[name] = _convert(name, given[name], "flag")
+        elif name in environ:
+            values[name] = _convert(name, environ[name], f"environment {ENV_PREFIX}{name.upper()}")
+        elif name in file_data:
+            values[name] = _convert(name, file_data[name], "config file")
+    return Settings(**values)

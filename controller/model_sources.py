@@ -1,0 +1,64 @@
+"""Models that come as torch code (a shipped example, or a factory plus data) become ONNX files here.
+
+The compression engine (and with it torch) is imported inside the functions only, so `edgefleet --help` and
+the rest of the controller never load torch. Where the engine is missing or broken the error says so.
+
+Example::
+
+    onnx_bytes, source = example_onnx("digits")            # trains the shipped example, exports it
+    onnx_bytes, source = torch_onnx("pkg.models:make", Path("data.npz"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgefleet.controller.errors import ControllerError, UnavailableError
+
+__all__ = ["example_onnx", "torch_onnx"]
+
+
+def _engine() -> tuple[Any, Any]:
+    try:
+        from edgefleet.compression import examples, export
+    except ImportError as exc:
+        raise UnavailableError(
+            f"the compression engine is not available ({exc}); install edgefleet[controller] or add an ONNX file "
+            "with --onnx"
+        ) from exc
+    return examples, export
+
+
+def _compression_error() -> type[Exception]:
+    from edgefleet.compression.errors import CompressionError
+
+    return CompressionError
+
+
+def example_onnx(name: str, *, width: float = 1.0, epochs: int | None = None) -> tuple[bytes, str]:
+    """Train a shipped example model and export it; returns the ONNX bytes and a source description."""
+    examples, export = _engine()
+    known = [e.value for e in examples.Example]
+    if name not in known:
+        raise ControllerError(f"no shipped example {name!r}: choose one of {', '.join(known)}")
+    try:
+        model, task = examples.train_example(name, width=width, epochs=epochs)
+        data: bytes = export.export_onnx(model, task.x_val[:1])
+    except _compression_error() as exc:
+        raise ControllerError(f"example {name}: {exc}") from exc
+    return data, f"example:{name}"
+
+
+def torch_onnx(factory: str, data_path: Path) -> tuple[bytes, str]:
+    """Build the model from `module:function`, take a sample input from the `.npz` data, export to ONNX."""
+    _, export = _engine()
+    from edgefleet.compression import load_factory, load_npz
+
+    try:
+        task = load_npz(data_path)
+        model = load_factory(factory)
+        data: bytes = export.export_onnx(model, task.x_val[:1])
+    except _compression_error() as exc:
+        raise ControllerError(f"torch model {factory}: {exc}") from exc
+    return data, f"torch:{factory}"

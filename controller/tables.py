@@ -1,0 +1,170 @@
+"""The registry's tables (SQLModel). Alembic migrations in `migrations/versions` create exactly these.
+
+Timestamps are timezone-aware UTC in Python on every backend (`UTCDateTime`); JSON documents (profiles,
+recipes, metrics, manifests) are stored as text so SQLite and PostgreSQL hold the same bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "Artifact",
+    "AuditEntry",
+    "DeploymentJob",
+    "Device",
+    "DeviceClass",
+    "Fleet",
+    "Model",
+    "TelemetryRollup",
+    "UTCDateTime",
+    "utcnow",
+]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
+    """A DateTime that always comes back timezone-aware (SQLite drops the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the registry; use timezone-aware UTC")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)  # noqa: S101 - the column type guarantees it
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _when(*, nullable: bool = False) -> Any:
+    if nullable:
+        return Field(default=None, sa_type=UTCDateTime, nullable=True)
+    return Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class Fleet(SQLModel, table=True):
+    __tablename__ = "fleets"
+
+    name: str = Field(primary_key=True, max_length=64)
+    created_at: dt.datetime = _when()
+
+
+class DeviceClass(SQLModel, table=True):
+    __tablename__ = "device_classes"
+
+    name: str = Field(primary_key=True, max_length=64)
+    profile_json: str = Field(sa_type=sa.Text)
+    # The highest artifact version ever given to this class; only grows (no downgrade, no replay).
+    last_version: int = Field(default=0)
+    created_at: dt.datetime = _when()
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "devices"
+
+    id: str = Field(primary_key=True, max_length=128)
+    fleet: str = Field(foreign_key="fleets.name", index=True, max_length=64)
+    class_name: str = Field(foreign_key="device_classes.name", index=True, max_length=64)
+    credential_hash: str = Field(max_length=256)
+    created_at: dt.datetime = _when()
+    first_seen: dt.datetime | None = _when(nullable=True)
+    last_seen: dt.datetime | None = _when(nullable=True)
+    last_telemetry_at: dt.datetime | None = _when(nullable=True)
+    # When the current (or last) connection started, from the device's birth/online status; a late
+    # last-will "offline" from an older connection must not mark a reconnected device offline.
+    connected_at: dt.datetime | None = _when(nullable=True)
+    online: bool = Field(default=False, index=True)
+    model_digest: str | None = Field(default=None, max_length=128)
+    model_version: int | None = Field(default=None)
+    slot_state: str | None = Field(default=None, sa_type=sa.Text)
+
+
+class Model(SQLModel, table=True):
+    __tablename__ = "models"
+
+    name: str = Field(primary_key=True, max_length=128)
+    source: str = Field(max_length=512)
+    task: str = Field(max_length=64)
+    file_sha256: str | None = Field(default=None, max_length=64)
+    created_at: dt.datetime = _when()
+
+
+class Artifact(SQLModel, table=True):
+    __tablename__ = "artifacts"
+    __table_args__ = (sa.UniqueConstraint("class_name", "version", name="uq_artifact_class_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(foreign_key="models.name", index=True, max_length=128)
+    class_name: str = Field(foreign_key="device_classes.name", index=True, max_length=64)
+    version: int
+    sha256: str = Field(max_length=64, index=True)
+    size: int = Field(sa_type=sa.BigInteger)
+    recipe_json: str = Field(default="{}", sa_type=sa.Text)
+    metrics_json: str = Field(default="{}", sa_type=sa.Text)
+    manifest_json: str = Field(default="{}", sa_type=sa.Text)
+    signature: str = Field(default="", sa_type=sa.Text)
+    key_id: str = Field(default="", max_length=64)
+    created_at: dt.datetime = _when()
+
+
+class DeploymentJob(SQLModel, table=True):
+    __tablename__ = "deployment_jobs"
+
+    id: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(foreign_key="devices.id", index=True, max_length=128)
+    artifact_id: int = Field(foreign_key="artifacts.id", index=True)
+    state: str = Field(max_length=32, index=True)
+    result_code: str | None = Field(default=None, max_length=64)
+    detail: str | None = Field(default=None, sa_type=sa.Text)
+    created_at: dt.datetime = _when()
+    updated_at: dt.datetime = _when()
+    finished_at: dt.datetime | None = _when(nullable=True)
+
+
+class TelemetryRollup(SQLModel, table=True):
+    """Per device, per model version, per time window: sums the agents reported (latency as bucket counts)."""
+
+    __tablename__ = "telemetry_rollups"
+    __table_args__ = (
+        sa.UniqueConstraint("device_id", "window_start", "model_version", name="uq_rollup_device_window_version"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="devices.id", index=True, max_length=128)
+    class_name: str = Field(max_length=64)
+    model_version: int = Field(default=0)
+    window_start: dt.datetime = Field(sa_type=UTCDateTime, index=True)
+    window_seconds: int
+    messages: int = Field(default=0)
+    inferences: int = Field(default=0, sa_type=sa.BigInteger)
+    errors: int = Field(default=0, sa_type=sa.BigInteger)
+    labelled: int = Field(default=0, sa_type=sa.BigInteger)
+    correct: int = Field(default=0, sa_type=sa.BigInteger)
+    confidence_sum: float = Field(default=0.0)
+    latency_sum_s: float = Field(default=0.0)
+    latency_counts_json: str = Field(default="[]", sa_type=sa.Text)
+
+
+class AuditEntry(SQLModel, table=True):
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: dt.datetime = _when()
+    actor: str = Field(max_length=128)
+    action: str = Field(max_length=64, index=True)
+    target: str = Field(max_length=256)
+    detail_json: str = Field(default="{}", sa_type=sa.Text)

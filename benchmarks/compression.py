@@ -12,6 +12,7 @@ activations, MinMax). Targets on digits: the full chain >= 10x smaller than fp32
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -146,6 +147,11 @@ def main() -> None:
             "process with onnxruntime and the model (no torch); most of it is onnxruntime itself."
         ),
     ]
+    load = os.getloadavg()
+    body.append(
+        f"\nLoad average when the run ended: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on "
+        f"{os.cpu_count()} CPUs shared with other jobs: p95 is the number most disturbed by that; read p50 first."
+    )
     text = "\n".join(body)
     print(text)
     if not args.no_write:

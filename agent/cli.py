@@ -1,16 +1,59 @@
 """The device's command line, `edgefleet-agent`: run the agent, simulate a fleet, measure this device.
 
 argparse rather than typer: the agent install carries nothing beyond paho-mqtt, onnxruntime, numpy,
-pydantic and cryptography.
+pydantic and cryptography. Errors print one line (no traceback) and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import resource
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+
+from edgefleet.agent.config import AgentConfig, Faults
+from edgefleet.agent.errors import AgentError
+from edgefleet.protocols.errors import ProtocolError
+from edgefleet.protocols.profile import DeviceProfile, load_profile
 
 __all__ = ["build_parser", "main"]
+
+PROFILE_DIRS_ENV = "EDGEFLEET_PROFILES"
+
+
+def resolve_profile(value: str) -> DeviceProfile:
+    """A profile file path, or a class name looked up in $EDGEFLEET_PROFILES and ./deploy/profiles."""
+    path = Path(value)
+    if path.suffix == ".toml" or path.exists():
+        return load_profile(path)
+    dirs = [Path(d) for d in os.environ.get(PROFILE_DIRS_ENV, "").split(os.pathsep) if d]
+    dirs.append(Path("deploy/profiles"))
+    for directory in dirs:
+        candidate = directory / f"{value}.toml"
+        if candidate.exists():
+            return load_profile(candidate)
+    raise AgentError(
+        f"no profile for class {value!r}: give a .toml path, "
+        f"or put {value}.toml in ${PROFILE_DIRS_ENV} or deploy/profiles"
+    )
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="MQTT broker host")
+    p.add_argument("--port", type=int, default=1883, help="MQTT broker port")
+    p.add_argument("--fleet", default="demo", help="fleet id (topic root)")
+    p.add_argument("--class", dest="device_class", required=True, help="device class: profile name or .toml path")
+    p.add_argument("--trusted-key", action="append", default=[], help="controller public key (PEM file or hex)")
+    p.add_argument("--telemetry-window", type=float, default=10.0, help="seconds per telemetry window")
+    p.add_argument("--dataset", type=Path, help=".npz with inputs `x` and labels `y` to replay")
+    p.add_argument("--rate", type=float, default=1.0, help="inferences per second per inferring device")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,10 +62,149 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run compressed models on this device; download, verify, activate, report, roll back.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    sub.add_parser("run", help="run the agent on this device")
-    sub.add_parser("simulate", help="run many simulated devices in one process")
-    sub.add_parser("speed-factor", help="measure how much slower this device runs a model than the host")
+    run = sub.add_parser("run", help="run the agent on this device")
+    _connection_args(run)
+    run.add_argument("--device", required=True, help="device id (also the MQTT username and client id)")
+    run.add_argument("--password-file", type=Path, help="file holding this device's MQTT password")
+    run.add_argument("--data-dir", type=Path, default=Path("/var/lib/edgefleet-agent"), help="state and slots")
+    run.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+
+    sim = sub.add_parser("simulate", help="run many simulated devices in one process")
+    _connection_args(sim)
+    sim.add_argument("--devices", type=int, required=True, help="how many devices")
+    sim.add_argument("--data-dir", type=Path, default=Path("sim-data"), help="one sub-directory per device")
+    sim.add_argument("--id-prefix", help="device ids are PREFIX-00000... (default: the class name)")
+    sim.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    sim.add_argument("--infer-fraction", type=float, default=0.1, help="share of devices that run inference")
+    sim.add_argument("--connect-rate", type=float, default=1000.0, help="new connections per second")
+    sim.add_argument("--fault-devices", type=int, default=0, help="inject the faults below into the first K devices")
+    sim.add_argument("--drop-at", type=float, help="drop the connection at this fraction of a download")
+    sim.add_argument("--crash-install", action="store_true", help="crash (and reboot) in the middle of installing")
+    sim.add_argument("--corrupt-block", type=int, action="append", default=[], help="corrupt this block index once")
+    sim.add_argument("--slow", type=float, default=1.0, help="multiply inference latency by this factor")
+
+    speed = sub.add_parser("speed-factor", help="measure how much slower this device runs a model than the host")
+    speed.add_argument("model", type=Path, help="the ONNX model")
+    speed.add_argument("--host-p95-ms", type=float, required=True, help="p95 latency of the model on the host")
+    speed.add_argument("--threads", type=int, default=1, help="intra-op threads (the class's thread count)")
+    speed.add_argument("--runs", type=int, default=200, help="timed runs")
     return parser
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """Ctrl-C and SIGTERM stop the loop cleanly; the previous handlers come back afterwards."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edgefleet.agent.agent import Agent
+    from edgefleet.agent.reactor import Reactor
+    from edgefleet.agent.replay import load_dataset
+    from edgefleet.agent.trust import load_trusted_keys
+
+    password = args.password_file.read_text(encoding="utf-8").strip() if args.password_file else None
+    profile = resolve_profile(args.device_class)
+    config = AgentConfig(
+        fleet=args.fleet,
+        device_id=args.device,
+        profile=profile,
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        password=password,
+        trusted_keys=load_trusted_keys(args.trusted_key),
+        telemetry_window_s=args.telemetry_window,
+    )
+    reactor = Reactor()
+    agent = Agent(config, reactor=reactor)
+    agent.start()
+    dataset = load_dataset(args.dataset) if args.dataset else None
+    counter = [0]
+
+    def tick() -> None:
+        if dataset is not None and agent.slots.current_name() is not None:
+            x, label = dataset.sample(counter[0])
+            counter[0] += 1
+            try:
+                agent.infer(x, label=label)
+            except AgentError as exc:
+                logging.getLogger(__name__).warning("inference failed: %s", exc)
+        reactor.call_later(1.0 / max(args.rate, 1e-3), tick)
+
+    if dataset is not None:
+        tick()
+    with _stop_on_signals(reactor.stop):
+        reactor.run(timeout=args.duration)
+    agent.stop()
+    reactor.run(timeout=0.5)
+    agent.link.close()
+    reactor.close()
+    return 0
+
+
+def _raise_nofile(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, max(soft, wanted))
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from edgefleet.agent.replay import load_dataset
+    from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
+    from edgefleet.agent.trust import load_trusted_keys
+
+    _raise_nofile(args.devices + 256)
+    spec = SimulatorSpec(
+        devices=args.devices,
+        profile=resolve_profile(args.device_class),
+        data_root=args.data_dir,
+        fleet=args.fleet,
+        host=args.host,
+        port=args.port,
+        id_prefix=args.id_prefix,
+        trusted_keys=load_trusted_keys(args.trusted_key),
+        telemetry_window_s=args.telemetry_window,
+        dataset=load_dataset(args.dataset) if args.dataset else None,
+        infer_fraction=args.infer_fraction,
+        infer_rate_hz=args.rate,
+        connect_rate_per_s=args.connect_rate,
+        fault_devices=args.fault_devices,
+        faults=Faults(
+            drop_at_fraction=args.drop_at,
+            crash_during_install=args.crash_install,
+            corrupt_blocks=frozenset(args.corrupt_block),
+            slow_factor=args.slow,
+        ),
+    )
+    sim = FleetSimulator(spec)
+    sim.start()
+    with _stop_on_signals(sim.reactor.stop):
+        sim.run(duration=args.duration)
+    print(sim.summary())  # noqa: T201
+    sim.stop()
+    return 0
+
+
+def _speed_factor(args: argparse.Namespace) -> int:
+    from edgefleet.agent.speedfactor import measure_latency
+
+    if args.host_p95_ms <= 0:
+        raise AgentError("--host-p95-ms must be positive")
+    m = measure_latency(args.model, threads=args.threads, runs=args.runs)
+    print(f"p50 {m.p50_ms:.3f} ms, p95 {m.p95_ms:.3f} ms over {m.runs} runs at {args.threads} threads")  # noqa: T201
+    print(f"speed_factor = {m.factor(args.host_p95_ms):.2f}")  # noqa: T201
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,8 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
-    print(f"edgefleet-agent {args.verb}: not implemented yet", file=sys.stderr)  # noqa: T201
-    return 1
+    level = getattr(args, "log_level", "warning")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verbs = {"run": _run, "simulate": _simulate, "speed-factor": _speed_factor}
+    try:
+        return verbs[args.verb](args)
+    except (AgentError, ProtocolError, OSError) as exc:
+        print(f"edgefleet-agent {args.verb}: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The agent's one error hierarchy: everything the agent raises on purpose is an `AgentError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "InferenceError",
+    "SlotError",
+    "StateError",
+    "TransferError",
+    "TransitionError",
+]
+
+
+class AgentError(RuntimeError):
+    """Something on the device side went wrong; the message says what and what to do about it."""
+
+
+class StateError(AgentError):
+    """The persisted update state could not be read or written (disk full, corrupt file...)."""
+
+
+class TransitionError(AgentError):
+    """An event arrived that the update state machine has no row for, or the machine looped."""
+
+
+class SlotError(AgentError):
+    """A model slot could not be prepared or switched."""
+
+
+class InferenceError(AgentError):
+    """The model could not be loaded or could not run on this input."""
+
+
+class TransferError(AgentError):
+    """An artifact transfer failed; `artifact` and `block` (when known) name where."""
+
+    def __init__(self, message: str, *, artifact: str, block: int | None = None) -> None:
+        super().__init__(message)
+        self.artifact = artifact
+        self.block = block

@@ -1,0 +1,142 @@
+"""Running a model with onnxruntime: one session per model at the class's thread count, timed per call.
+
+Simulated devices share sessions through a `SessionPool` (one per model digest and thread count) and scale the
+measured latency by their class's speed factor, so a laptop can stand in for a slower device class.
+
+Example::
+
+    runner = ModelRunner(path, threads=4)
+    result = runner.run(x)            # result.outputs, result.latency_s, result.predicted, result.confidence
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgefleet.agent.errors import InferenceError
+
+__all__ = ["InferenceResult", "ModelRunner", "SessionPool", "load_session"]
+
+log = logging.getLogger(__name__)
+
+
+def load_session(path: Path, *, threads: int) -> Any:
+    """An onnxruntime CPU session limited to `threads` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        raise InferenceError(f"onnxruntime cannot load {path}: {exc}") from exc
+
+
+class SessionPool:
+    """Sessions shared between simulated devices, keyed by model digest and thread count."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str, path: Path, *, threads: int) -> Any:
+        key = (digest, threads)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = load_session(path, threads=threads)
+                self._sessions[key] = session
+            return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    outputs: np.ndarray
+    latency_s: float
+    predicted: np.ndarray
+    confidence: np.ndarray
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, unless the outputs already are probabilities."""
+    x = logits.astype(np.float64, copy=False)
+    if x.ndim == 0:
+        return x.reshape(1, 1)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if np.all(x >= 0) and np.allclose(x.sum(axis=-1), 1.0, atol=1e-3):
+        return x
+    shifted = np.exp(x - x.max(axis=-1, keepdims=True))
+    probs: np.ndarray = shifted / shifted.sum(axis=-1, keepdims=True)
+    return probs
+
+
+class ModelRunner:
+    """One loaded model. `latency_scale` multiplies measured latency (speed factor of a simulated class)."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        threads: int,
+        latency_scale: float = 1.0,
+        session: Any | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.model_path = model_path
+        self.latency_scale = latency_scale
+        self._session = session if session is not None else load_session(model_path, threads=threads)
+        self._clock = clock
+        inputs = self._session.get_inputs()
+        self.input_names: tuple[str, ...] = tuple(i.name for i in inputs)
+        self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
+        self.input_name: str = inputs[0].name
+        self.input_type: str = inputs[0].type
+
+    def session_inputs(self) -> list[Any]:
+        """onnxruntime's input descriptions (name, type, shape)."""
+        return list(self._session.get_inputs())
+
+    def _prepare(self, x: Any) -> np.ndarray:
+        array = np.asarray(x)
+        if self.input_type == "tensor(float)" and array.dtype != np.float32:
+            array = array.astype(np.float32)
+        return array
+
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """All outputs by name for named inputs, and the (scaled) latency in seconds."""
+        start = self._clock()
+        try:
+            outputs = self._session.run(None, feeds)
+        except Exception as exc:  # onnxruntime raises untyped errors for shape/type mismatches
+            shapes = {k: v.shape for k, v in feeds.items()}
+            raise InferenceError(f"{self.model_path.name}: inference failed on inputs {shapes}: {exc}") from exc
+        elapsed = (self._clock() - start) * self.latency_scale
+        return {name: np.asarray(out) for name, out in zip(self.output_names, outputs, strict=True)}, elapsed
+
+    def run_raw(self, x: Any) -> tuple[np.ndarray, float]:
+        """The first model output for a single-input model, and the (scaled) latency in seconds."""
+        if len(self.input_names) != 1:
+            raise InferenceError(
+                f"{self.model_path.name} has {len(self.input_names)} inputs; use run_feeds with one array per name"
+            )
+        outputs, elapsed = self.run_feeds({self.input_name: self._prepare(x)})
+        return outputs[self.output_names[0]], elapsed
+
+    def run(self, x: Any) -> InferenceResult:
+        """Run one batch; predicted class and confidence come from the first output's last axis."""
+        outputs, latency = self.run_raw(x)
+        probs = _probabilities(outputs)
+        return InferenceResult(outputs, latency, probs.argmax(axis=-1), probs.max(axis=-1))

@@ -1,0 +1,89 @@
+"""The fleet simulator and the command line: many devices on one loop, faults injected, real inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from agentkit import FLEET, PROFILE, Fleet, build_manifest, tiny_model
+
+from edgefleet.agent.cli import main
+from edgefleet.agent.config import Faults
+from edgefleet.agent.replay import load_dataset
+from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
+from edgefleet.protocols.codes import ResultCode
+
+
+@pytest.mark.mqtt
+def test_simulated_fleet_with_faults_ends_active_and_reports(fleet: Fleet, tmp_path: Path) -> None:
+    data = tmp_path / "replay.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.normal(size=(32, 4)).astype(np.float32), y=rng.integers(0, 3, size=32))
+    spec = SimulatorSpec(
+        devices=12,
+        profile=PROFILE,
+        data_root=tmp_path / "sim",
+        fleet=FLEET,
+        host=fleet.host,
+        port=fleet.port,
+        id_prefix="sim",
+        trusted_keys=fleet.keys.trusted,
+        telemetry_window_s=0.5,
+        probation_s=0.2,
+        dataset=load_dataset(data),
+        infer_fraction=0.5,
+        infer_rate_hz=20.0,
+        fault_devices=3,
+        faults=Faults(drop_at_fraction=0.5, crash_during_install=True, corrupt_blocks=frozenset({1})),
+        restart_after_s=0.2,
+    )
+    sim = FleetSimulator(spec, reactor=fleet.reactor)
+    sim.start()
+    assert sim.run(duration=10, until=lambda: sim.connected == 12)
+    model = tiny_model(9, pad_bytes=30_000)
+    fleet.controller.offer(model, tmp_path)
+    signed = build_manifest(model, version=1, keys=fleet.keys)
+    for i in range(12):
+        fleet.controller.deploy(spec.device_id(i), signed, job_id="job-sim")
+    for i in range(12):
+        event = fleet.controller.wait_final(spec.device_id(i), "job-sim", timeout=30)
+        assert (event.state.value, event.result) == ("active", ResultCode.OK)
+    summary = sim.summary()
+    assert summary.versions == {1: 12}
+    assert summary.crashes == 3
+    assert fleet.run_until(lambda: any(b.labelled_count for t in fleet.controller.telemetry.values() for b in t))
+    assert sim.inferences > 0
+    assert len(sim.sessions) == 1, "simulated devices share one onnxruntime session per model"
+    sim.stop()
+
+
+def test_speed_factor_verb_prints_the_factor(tmp_path: Path, capsys: Any) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_model(1))
+    assert main(["speed-factor", str(model), "--host-p95-ms", "0.001", "--runs", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "speed_factor = " in out
+    assert float(out.rsplit("=", 1)[1]) > 0
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: Any) -> None:
+    assert main(["speed-factor", str(tmp_path / "missing.onnx"), "--host-p95-ms", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("edgefleet-agent speed-factor:")
+    assert "Traceback" not in err
+
+
+@pytest.mark.mqtt
+def test_simulate_verb_connects_and_summarises(tmp_path: Path, mqtt_broker: Any, capsys: Any) -> None:
+    profile = tmp_path / "box.toml"
+    profile.write_text(
+        '[profile]\nname = "box"\nstorage_budget_bytes = 1000000\nram_budget_bytes = 100000000\n'
+        "latency_budget_ms = 5.0\nthreads = 1\nint8_dot_product = false\n",
+        encoding="utf-8",
+    )
+    args = ["simulate", "--devices", "5", "--class", str(profile), "--host", mqtt_broker.host]
+    args += ["--port", str(mqtt_broker.port), "--data-dir", str(tmp_path / "sim"), "--duration", "1.5"]
+    assert main([*args, "--log-level", "warning"]) == 0
+    assert "5 devices, 5 connected" in capsys.readouterr().out

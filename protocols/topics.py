@@ -86,7 +86,7 @@ class TopicSpec:
 TOPIC_SPECS: dict[TopicKind, TopicSpec] = {
     TopicKind.BIRTH: TopicSpec("birth", "device → controller", 1, retain=False),
     TopicKind.STATUS: TopicSpec("status", "device → controller", 1, retain=True),
-    TopicKind.TELEMETRY: TopicSpec("telemetry", "device → controller", 0, retain=False),
+    TopicKind.TELEMETRY: TopicSpec("telemetry", "device → controller", 1, retain=False),
     TopicKind.EVENTS: TopicSpec("events", "device → controller", 1, retain=False),
     TopicKind.BLOCK_REQUEST: TopicSpec("blocks/req", "device → controller", 1, retain=False),
     TopicKind.COMMAND: TopicSpec("cmd", "controller → device", 1, retain=False),

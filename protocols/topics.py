@@ -4,7 +4,7 @@ Layout (root `edgefleet/v1/{fleet}`)::
 
     edgefleet/v1/{fleet}/device/{device}/birth        device → controller, QoS 1
     edgefleet/v1/{fleet}/device/{device}/status       device → controller, QoS 1, retained, last will "offline"
-    edgefleet/v1/{fleet}/device/{device}/telemetry    device → controller, QoS 0
+    edgefleet/v1/{fleet}/device/{device}/telemetry    device → controller, QoS 1
     edgefleet/v1/{fleet}/device/{device}/events       device → controller, QoS 1 (job events)
     edgefleet/v1/{fleet}/device/{device}/blocks/req   device → controller, QoS 1 (block requests)
     edgefleet/v1/{fleet}/device/{device}/cmd          controller → device, QoS 1 (commands)

@@ -11,7 +11,7 @@ TORCH_PIN      ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 SHADOW := build/src/edgefleet
 
-.PHONY: help venv services lint types contracts pytest test demo bench schemas clean
+.PHONY: help venv services lint types contracts pytest test demo bench schemas clean check-deploy
 
 help:
 	@echo "make demo   run the end-to-end demo (sets itself up)"
@@ -39,6 +39,24 @@ services:
 	    echo "mosquitto missing and not root: MQTT tests will skip unless a broker answers on 127.0.0.1:1883"; \
 	  fi; \
 	fi
+	@# tests/deploy: promtool and prometheus (Debian's prometheus), systemd-analyze (systemd). The package's own
+	@# prometheus service is stopped again where it was started (the tests run their own on a free port).
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's$$missing for the deploy checks"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
+	      || echo "could not install$$missing: the deploy checks that need them will skip"; \
+	    case "$$missing" in *prometheus*) \
+	      if [ -d /run/systemd/system ]; then systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	      elif [ -x /etc/init.d/prometheus ]; then /etc/init.d/prometheus stop >/dev/null 2>&1 || true; fi;; \
+	    esac; \
+	  else \
+	    echo "missing$$missing and not root: the deploy checks that need them will skip"; \
+	  fi; \
+	fi
 
 # mypy and import-linter cannot follow setuptools' editable finder; they read this symlink tree.
 $(SHADOW):
@@ -59,6 +77,11 @@ pytest: $(STAMP) services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint types contracts pytest
+
+# The deploy/ checks alone (promtool, a live Prometheus, compose config, systemd-analyze, Mosquitto); `make test`
+# runs them too, as part of the whole suite.
+check-deploy: $(STAMP) services
+	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/python -m edgefleet.protocols.schemas docs/schemas

@@ -1,6 +1,8 @@
 """The controller process: registry database, message service, MQTT connection and metrics endpoint together.
 
-`edgefleet serve` and the ingest benchmark both run a `ControllerApp`.
+`edgefleet serve`, `edgefleet demo` and the ingest benchmark run a `ControllerApp`. Unless a `block_requests` hook
+is given (or `serve_blocks=False`), it serves artifact blocks from the store to the devices that ask
+(`BlockServing`), counting the bytes in `edgefleet_artifact_bytes_served_total{device_class}`.
 
 Example::
 
@@ -20,16 +22,22 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from sqlmodel import col, func, select
 
+from edgefleet.controller.blockserver import BlockServer
 from edgefleet.controller.config import Settings
 from edgefleet.controller.db import Database
 from edgefleet.controller.home import open_database
 from edgefleet.controller.metrics import ControllerMetrics
-from edgefleet.controller.mqtt import MqttClient
+from edgefleet.controller.mqtt import MqttClient, MqttError
 from edgefleet.controller.service import BlockRequestHook, ControllerService
+from edgefleet.controller.store import ArtifactStore
 from edgefleet.controller.tables import DeploymentJob, Device, utcnow
-from edgefleet.protocols.topics import controller_filters
+from edgefleet.protocols.blocks import BlockRequest
+from edgefleet.protocols.codec import encode
+from edgefleet.protocols.topics import artifact_blocks_topic, block_request_topic, controller_filters
 
-__all__ = ["ControllerApp", "device_state_counts", "job_state_counts"]
+__all__ = ["BlockServing", "ControllerApp", "device_state_counts", "job_state_counts"]
+
+MAX_TRACKED_ARTIFACTS = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,60 @@ def job_state_counts(db: Database) -> Callable[[], Mapping[tuple[str, ...], int]
     return counts
 
 
+class BlockServing:
+    """The service's block-request hook in front of a `BlockServer` that publishes through the controller's client.
+
+    The hook is called on paho's thread with (device id, class, request); the server sends from its own thread.
+    Bytes are counted per device class of the artifact (the class of the devices asking for it).
+    `MqttClient.publish` gives no message id back, so the server's in-flight window is not used here: its rate
+    limit alone bounds what is handed to the client (QoS 0 blocks; a lost block is asked for again).
+    """
+
+    def __init__(
+        self,
+        *,
+        mqtt: MqttClient,
+        store: ArtifactStore,
+        metrics: ControllerMetrics,
+        fleet_of: Callable[[str], str | None],
+        rate_limit_bytes_per_s: float | None = 20e6,
+    ) -> None:
+        self.mqtt = mqtt
+        self.metrics = metrics
+        self.fleet_of = fleet_of
+        self.server = BlockServer(self._publish, store.path_for_sha256, rate_limit_bytes_per_s=rate_limit_bytes_per_s)
+        self._class_of_topic: dict[str, str] = {}
+        self.publish_errors = 0
+
+    def __call__(self, device_id: str, class_name: str, request: BlockRequest) -> None:
+        fleet = self.fleet_of(device_id)
+        if fleet is None:
+            return
+        topic = artifact_blocks_topic(fleet, request.artifact_sha256)
+        if topic not in self._class_of_topic and len(self._class_of_topic) >= MAX_TRACKED_ARTIFACTS:
+            self._class_of_topic.clear()
+        self._class_of_topic[topic] = class_name
+        self.server.handle_request(block_request_topic(fleet, device_id), encode(request))
+
+    def _publish(self, topic: str, payload: bytes, qos: int) -> int | None:
+        # Runs on the server's thread: an exception here would end it, so a failed publish is counted and dropped
+        # (the device asks again after its timeout).
+        try:
+            self.mqtt.publish(topic, payload, qos=qos, timeout=None)
+        except MqttError as exc:
+            self.publish_errors += 1
+            log.debug("block publish to %s failed: %s", topic, exc)
+            return None
+        self.metrics.bytes_served(self._class_of_topic.get(topic, "unknown"), len(payload))
+        return None
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 class ControllerApp:
     """Wires settings into a running controller; `start()` returns once MQTT is connected."""
 
@@ -66,6 +128,8 @@ class ControllerApp:
         registry: CollectorRegistry | None = None,
         db: Database | None = None,
         block_requests: BlockRequestHook | None = None,
+        serve_blocks: bool = True,
+        block_rate_bytes_per_s: float | None = 20e6,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.settings = settings
@@ -87,6 +151,7 @@ class ControllerApp:
             block_requests=block_requests,
             clock=clock,
         )
+        self.blocks: BlockServing | None = None
         username, password = settings.mqtt_credentials()
         subscriptions = controller_filters(settings.fleet)
         if settings.shared_subscriptions:
@@ -105,10 +170,25 @@ class ControllerApp:
             on_message=self.service.handle,
             subscriptions=subscriptions,
         )
+        if block_requests is None and serve_blocks:
+            self.blocks = BlockServing(
+                mqtt=self.mqtt,
+                store=ArtifactStore(settings.store_dir),
+                metrics=self.metrics,
+                fleet_of=self._fleet_of,
+                rate_limit_bytes_per_s=block_rate_bytes_per_s,
+            )
+            self.service.block_requests = self.blocks
         self._http: Any = None
+
+    def _fleet_of(self, device_id: str) -> str | None:
+        info = self.service.directory.get(device_id)
+        return info.fleet if info is not None else None
 
     def start(self, *, metrics_server: bool = True, connect_timeout: float = 10.0) -> None:
         self.service.start()
+        if self.blocks is not None:
+            self.blocks.start()
         try:
             self.mqtt.connect(timeout=connect_timeout)
             if metrics_server:
@@ -121,6 +201,8 @@ class ControllerApp:
         log.info("controller serving fleet %s", self.settings.fleet)
 
     def stop(self) -> None:
+        if self.blocks is not None:
+            self.blocks.stop()
         self.mqtt.close()
         self.service.stop()
         if self._http is not None:

@@ -154,3 +154,8 @@ def run(
     console = Console()
     _print_report(result, console)
     console.print(f"wrote {out} ({len(onnx_bytes)} bytes) and {report_path}")
+
+
+from edgefleet.controller.cli_plan import plan  # noqa: E402
+
+compress_app.command("plan")(plan)

@@ -9,53 +9,23 @@ torch is imported inside the commands only, so that `edgefleet --help` never loa
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from edgefleet.controller.cli_sources import ExampleName, fail, load_model_source
+
 if TYPE_CHECKING:
     from rich.console import Console
-    from torch import nn
 
     from edgefleet.compression.pipeline import CompressionReport
-    from edgefleet.compression.task import Task
 
 __all__ = ["compress_app"]
 
 compress_app = typer.Typer(
     help="Compress a model with a recipe, or plan a recipe for a device class.", no_args_is_help=True
 )
-
-
-class ExampleName(StrEnum):
-    digits = "digits"
-    vibration = "vibration"
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-def _load_model(
-    example: ExampleName | None, model: str | None, onnx_file: Path | None, data: Path | None, epochs: int | None
-) -> tuple[nn.Module | bytes, Task]:
-    from edgefleet.compression import load_exported_program, load_factory, load_npz, load_onnx
-    from edgefleet.compression.examples import train_example
-
-    if example is not None:
-        return train_example(example.value, epochs=epochs)
-    if data is None:
-        raise typer.BadParameter("--data data.npz is required with --model or --onnx", param_hint="--data")
-    task = load_npz(data)
-    if onnx_file is not None:
-        return load_onnx(onnx_file), task
-    assert model is not None  # noqa: S101 - checked by the caller
-    if model.endswith((".pt2", ".pt")) or Path(model).is_file():
-        return load_exported_program(model), task
-    return load_factory(model), task
 
 
 def _print_report(report: CompressionReport, console: Console) -> None:
@@ -139,15 +109,15 @@ def run(
         torch.set_num_threads(torch_threads)
     try:
         chosen = load_recipe(recipe or EXAMPLE_RECIPE)
-        the_model, task = _load_model(example, model, onnx_file, data, train_epochs)
+        the_model, task = load_model_source(example, model, onnx_file, data, train_epochs)
         onnx_bytes, result = compress(the_model, chosen, task, threads=threads)
         report_path = report or out.with_name(out.name.removesuffix(".onnx") + ".report.json")
         write_atomic(out, onnx_bytes)
         write_atomic(report_path, result.model_dump_json(indent=2).encode())
     except CompressionError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     except OSError as exc:
-        raise _fail(f"cannot write output: {exc}") from exc
+        raise fail(f"cannot write output: {exc}") from exc
     if json_output:
         typer.echo(result.model_dump_json(indent=2))
         return

@@ -11,11 +11,12 @@ or the input is bad (a message, never a traceback). torch is imported inside the
 from __future__ import annotations
 
 import os
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from edgefleet.controller.cli_sources import ExampleName, fail, load_model_source
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -27,38 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["plan"]
 
 
-class PlanExample(StrEnum):
-    digits = "digits"
-    vibration = "vibration"
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/edgefleet/plan (~/.cache/edgefleet/plan)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgefleet" / "plan"
-
-
-def _load(
-    example: PlanExample | None, model: str | None, onnx_file: Path | None, data: Path | None, epochs: int | None
-) -> tuple[nn.Module | bytes, Task]:
-    from edgefleet.compression import load_exported_program, load_factory, load_npz, load_onnx
-    from edgefleet.compression.examples import train_example
-
-    if example is not None:
-        return train_example(example.value, epochs=epochs)
-    if data is None:
-        raise _fail("--data data.npz is required with --model or --onnx")
-    task = load_npz(data)
-    if onnx_file is not None:
-        return load_onnx(onnx_file), task
-    assert model is not None  # noqa: S101 - checked by the caller
-    if model.endswith((".pt2", ".pt")) or Path(model).is_file():
-        return load_exported_program(model), task
-    return load_factory(model), task
 
 
 def _size(n: int | float | None) -> str:
@@ -178,7 +150,7 @@ def _run_plan(
 def plan(
     *,
     profile: Annotated[Path, typer.Option(help="device profile TOML (see deploy/profiles)")],
-    example: Annotated[PlanExample | None, typer.Option(help="a shipped example (trained first)")] = None,
+    example: Annotated[ExampleName | None, typer.Option(help="a shipped example (trained first)")] = None,
     model: Annotated[
         str | None, typer.Option(help="your model: 'package.module:factory' or a torch.export .pt2 file")
     ] = None,
@@ -211,7 +183,7 @@ def plan(
 
     try:
         load_profile(profile)  # bad profiles fail before any training
-        the_model, task = _load(example, model, onnx_file, data, train_epochs)
+        the_model, task = load_model_source(example, model, onnx_file, data, train_epochs)
         result = _run_plan(
             the_model, task, profile, time_budget, None if no_cache else cache_dir or default_cache_dir()
         )
@@ -221,9 +193,9 @@ def plan(
         if plot_path is not None and result.candidates:
             write_front_plot(result, plot_path)
     except (ProtocolError, CompressionError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     except OSError as exc:
-        raise _fail(f"cannot write output: {exc}") from exc
+        raise fail(f"cannot write output: {exc}") from exc
     if json_output:
         typer.echo(result.model_dump_json(indent=2))
     else:

@@ -1,0 +1,52 @@
+"""Where `edgefleet compress run` and `compress plan` get a model and its data: a shipped example, a torch model
+(`module:factory` or a `torch.export` program file) with an `.npz`, or an ONNX file with an `.npz`.
+
+torch is imported inside `load_model_source` only, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from edgefleet.compression.task import Task
+
+__all__ = ["ExampleName", "fail", "load_model_source"]
+
+
+class ExampleName(StrEnum):
+    digits = "digits"
+    vibration = "vibration"
+
+
+def fail(message: str) -> typer.Exit:
+    """Print `error: message` on stderr and return the exit (code 1) for the caller to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def load_model_source(
+    example: ExampleName | None, model: str | None, onnx_file: Path | None, data: Path | None, epochs: int | None
+) -> tuple[nn.Module | bytes, Task]:
+    """The model and task the options name; a missing `--data` is a usage error (exit 2)."""
+    from edgefleet.compression import load_exported_program, load_factory, load_npz, load_onnx
+    from edgefleet.compression.examples import train_example
+
+    if example is not None:
+        return train_example(example.value, epochs=epochs)
+    if data is None:
+        raise typer.BadParameter("--data data.npz is required with --model or --onnx", param_hint="--data")
+    task = load_npz(data)
+    if onnx_file is not None:
+        return load_onnx(onnx_file), task
+    if model is None:
+        raise typer.BadParameter("give --example, --model or --onnx", param_hint="--model")
+    if model.endswith((".pt2", ".pt")) or Path(model).is_file():
+        return load_exported_program(model), task
+    return load_factory(model), task

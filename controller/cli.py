@@ -23,6 +23,7 @@ from edgefleet.controller.cli_device import device_app
 from edgefleet.controller.cli_fleet import class_app, fleet_app
 from edgefleet.controller.cli_model import artifact_app, model_app
 from edgefleet.controller.cli_ops import broker_app, deploy, serve
+from edgefleet.controller.demo_cli import demo
 from edgefleet.controller.home import init_home
 
 __all__ = ["app", "main"]
@@ -92,11 +93,7 @@ app.command("serve")(serve)
 app.add_typer(compress_app, name="compress")
 
 
-@app.command("demo")
-def demo() -> None:
-    """Run the end-to-end demo (not implemented yet)."""
-    typer.echo("edgefleet demo: not implemented yet", err=True)
-    raise typer.Exit(1)
+app.command("demo")(demo)
 
 
 def main() -> None:

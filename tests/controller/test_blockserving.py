@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -39,10 +40,13 @@ def _device(host: str, port: int, client_id: str, topic: str, got: dict[int, byt
         block = decode_block(bytes(message.payload))
         got[block.index] = bytes(block.payload)
 
+    subscribed = threading.Event()
     client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()
     client.connect(host, port)
     client.subscribe(topic, qos=0)
     client.loop_start()
+    assert subscribed.wait(10), f"the broker did not acknowledge the subscription to {topic}"
     return client
 
 
@@ -78,7 +82,6 @@ def test_a_requesting_device_gets_every_block_and_the_bytes_are_counted(fleet_ho
     got: dict[int, bytes] = {}
     device = _device(mqtt_broker.host, mqtt_broker.port, f"node-1-{fleet}", artifact_blocks_topic(fleet, digest), got)
     try:
-        time.sleep(0.3)  # the subscription is in place before the first block goes out
         request = BlockRequest.for_missing(digest, Bitmap(count))
         device.publish(block_request_topic(fleet, "node-1"), encode(request), qos=1).wait_for_publish(5)
         assert wait_for(lambda: len(got) == count, timeout=15), f"got {len(got)} of {count} blocks"

@@ -1,0 +1,111 @@
+"""`edgefleet demo`: the command line of the end-to-end demo (see `edgefleet.controller.demo`)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from edgefleet.controller.cli_common import CliState, guarded
+from edgefleet.controller.demo import Demo, DemoOptions, DemoSummary
+from edgefleet.controller.demo_models import CompressMode
+from edgefleet.controller.demo_report import render_table
+
+__all__ = ["demo"]
+
+INTERRUPTED = 130
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops the demo the way Ctrl-C does (everything it started is stopped on the way out)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _root_flags(ctx: typer.Context) -> dict[str, Any]:
+    state = ctx.find_root().obj
+    return state.flags if isinstance(state, CliState) else {}
+
+
+def _print_summary(summary: DemoSummary, console: Console) -> None:
+    console.print()
+    console.rule("edgefleet demo: results")
+    for report in summary.classes:
+        console.print(render_table(report))
+    timings = ", ".join(f"{k} {v:g}s" for k, v in summary.seconds.items())
+    console.print(f"timings: {timings}")
+    for problem in summary.problems:
+        console.print(f"[red]problem:[/] {problem}")
+    if summary.ok:
+        console.print("[green]every device runs its class's new model and reports telemetry[/]")
+
+
+@guarded
+def demo(  # noqa: PLR0917 - typer passes every option by position
+    ctx: typer.Context,
+    duration: Annotated[float, typer.Option("--duration", min=0, help="seconds to run after deploying")] = 60.0,
+    devices: Annotated[int, typer.Option("--devices", min=1, max=1000, help="simulated devices per class")] = 10,
+    classes: Annotated[
+        list[str] | None, typer.Option("--class", help="device class from deploy/profiles (repeatable)")
+    ] = None,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="edgefleet home to use and keep (default: temporary)")
+    ] = None,
+    keep_home: Annotated[bool, typer.Option("--keep-home", help="keep the temporary home afterwards")] = False,
+    compress: Annotated[
+        CompressMode,
+        typer.Option("--compress", help="recipe (fixed, per class) or planner (recipe where nothing fits in time)"),
+    ] = CompressMode.recipe,
+    plan_budget: Annotated[float, typer.Option("--plan-budget", min=1, help="planner seconds per class")] = 30.0,
+    train_epochs: Annotated[int, typer.Option("--train-epochs", min=1, max=100, help="digits training epochs")] = 4,
+    telemetry_window: Annotated[float, typer.Option("--telemetry-window", min=1, help="seconds per report")] = 5.0,
+    rate: Annotated[float, typer.Option("--rate", min=0.1, max=50, help="inferences per second per device")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="progress on stderr, a JSON summary on stdout")] = False,
+) -> None:
+    """Run the whole product on this machine: broker, controller, simulated fleet, compress, deploy, watch."""
+    flags = _root_flags(ctx)
+    broker = None
+    if flags.get("mqtt_port") is not None:
+        broker = (str(flags.get("mqtt_host") or "127.0.0.1"), int(flags["mqtt_port"]))
+    options = DemoOptions(
+        duration_s=duration,
+        devices=devices,
+        classes=tuple(classes) if classes else DemoOptions().classes,
+        home=home or flags.get("home"),
+        keep_home=keep_home,
+        broker=broker,
+        compress=compress,
+        plan_budget_s=plan_budget,
+        train_epochs=train_epochs,
+        telemetry_window_s=telemetry_window,
+        rate_hz=rate,
+    )
+    console = Console(stderr=as_json)
+    runner = Demo(options, console=console)
+    try:
+        with _sigterm_interrupts():
+            summary = runner.run()
+    except KeyboardInterrupt:
+        console.print("interrupted: everything the demo started is stopped")
+        raise typer.Exit(INTERRUPTED) from None
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), indent=2, default=str))
+    else:
+        _print_summary(summary, console)
+    if not summary.ok:
+        raise typer.Exit(1)

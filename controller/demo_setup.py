@@ -1,0 +1,159 @@
+"""The demo's set-up and deploy: its broker (a managed Mosquitto, or one configured), its registry rows, and
+signing, storing and deploying each class's model through the running controller.
+
+Devices connect anonymously: `edgefleet-agent simulate` has no way yet to take the per-device passwords that
+`edgefleet device register` hands out, so the demo's broker cannot use the password file and ACLs of
+`edgefleet broker config`.
+
+Example::
+
+    broker = start_broker(home / "broker", configured=None)
+    profiles = prepare_registry(db, fleet="demo", classes=("rpi4",), devices=10, profiles_dir=p, model="digits")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgefleet.controller.app import ControllerApp
+from edgefleet.controller.artifacts import ArtifactCatalog
+from edgefleet.controller.db import Database
+from edgefleet.controller.demo_fleet import simulated_ids
+from edgefleet.controller.demo_models import BuiltModel
+from edgefleet.controller.demo_report import ClassTarget
+from edgefleet.controller.deploy import Deployer
+from edgefleet.controller.errors import ConfigError, NotFoundError
+from edgefleet.controller.keys import load_signing_key
+from edgefleet.controller.mosquitto import BrokerError, ManagedMosquitto, port_answers
+from edgefleet.controller.registry import Registry
+from edgefleet.controller.store import ArtifactStore
+from edgefleet.protocols.errors import ProtocolError
+from edgefleet.protocols.profile import DeviceProfile, load_profile
+
+__all__ = ["BrokerChoice", "Deployed", "prepare_registry", "sign_and_deploy", "simulation_profile", "start_broker"]
+
+_THREADS_LINE = re.compile(r"^threads\s*=\s*\d+\s*$", re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerChoice:
+    host: str
+    port: int
+    auth: str
+    managed: ManagedMosquitto | None
+
+
+def start_broker(workdir: Path, *, configured: tuple[str, int] | None) -> BrokerChoice:
+    """The configured broker when one is given (it must answer), else a managed Mosquitto on a free port."""
+    if configured is not None:
+        host, port = configured
+        if not port_answers(host, port, timeout=2.0):
+            raise ConfigError(f"the configured MQTT broker {host}:{port} does not answer")
+        return BrokerChoice(host, port, "as configured", None)
+    broker = ManagedMosquitto(workdir, allow_anonymous=True)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        raise ConfigError(f"{exc} (log: {broker.log_path}); or point the demo at a broker with --mqtt-port") from exc
+    return BrokerChoice(broker.host, broker.port, "anonymous devices", broker)
+
+
+def _profile(profiles_dir: Path, name: str) -> DeviceProfile:
+    path = profiles_dir / f"{name}.toml"
+    try:
+        profile = load_profile(path)
+    except (ProtocolError, OSError) as exc:
+        raise ConfigError(f"device class {name}: cannot load its profile {path} ({exc})") from exc
+    if profile.name != name:
+        raise ConfigError(f"{path} describes class {profile.name!r}, not {name!r}")
+    return profile
+
+
+def simulation_profile(source: Path, dest_dir: Path) -> Path:
+    """A copy of a class profile for the simulator, with `threads = 1`.
+
+    A profile's `speed_factor` is the device's p95 over the host's p95 *at one thread*, so a simulated device
+    runs its model on one host thread and scales the time by that factor. At the class's own thread count (4 for
+    rpi4) on a small, busy host the threads only wait for each other, and the scaled latency is meaningless.
+    """
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the profile {source} ({exc.strerror or exc})") from exc
+    text, found = _THREADS_LINE.subn("threads = 1", text)
+    dest = dest_dir / source.name
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text, encoding="utf-8")
+    if found != 1 or load_profile(dest).threads != 1:
+        raise ConfigError(f"{source}: expected one `threads = N` line in its [profile] table")
+    return dest
+
+
+def prepare_registry(
+    db: Database,
+    *,
+    fleet: str,
+    classes: Sequence[str],
+    devices: int,
+    profiles_dir: Path,
+    model: str,
+) -> dict[str, DeviceProfile]:
+    """Classes, the simulated devices and the model, each added only when missing (a kept home can be reused)."""
+    registry = Registry(db, actor="demo")
+    registry.ensure_fleet(fleet)
+    known = {row.name for row, _ in registry.list_classes()}
+    profiles = {}
+    for name in classes:
+        profile = profiles[name] = _profile(profiles_dir, name)
+        if name not in known:
+            registry.add_class(profile)
+        have = {d.id for d in registry.list_devices(class_name=name)}
+        missing = [i for i in simulated_ids(name, devices) if i not in have]
+        if missing:
+            registry.register_devices(missing, class_name=name, fleet=fleet)
+    try:
+        registry.get_model(model)
+    except NotFoundError:
+        registry.add_model(model, source=f"example:{model}", task="classification")
+    return profiles
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deployed:
+    target: ClassTarget
+    sha256: str
+    key_id: str
+    errors: tuple[str, ...]
+
+
+def sign_and_deploy(
+    app: ControllerApp, model: BuiltModel, *, build_dir: Path, model_name: str, budget_ms: float
+) -> Deployed:
+    """Store and sign `model` as the next version of its class, and send a deploy command to each of its devices."""
+    settings = app.settings
+    catalog = ArtifactCatalog(
+        app.db, store=ArtifactStore(settings.store_dir), signing_key=load_signing_key(settings.key_path), actor="demo"
+    )
+    path = build_dir / f"{model_name}-{model.class_name}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.onnx)
+    artifact = catalog.add_from_onnx(
+        model_name, class_name=model.class_name, onnx_path=path, recipe=model.recipe, metrics=model.metrics
+    )
+    deployer = Deployer(app.db, catalog=catalog, publisher=app.mqtt, actor="demo")
+    results = deployer.deploy(artifact.id or 0, class_name=model.class_name)
+    target = ClassTarget(
+        class_name=model.class_name,
+        model=model_name,
+        version=artifact.version,
+        artifact_bytes=artifact.size,
+        recipe=model.recipe_label,
+        source=model.source,
+        latency_budget_ms=budget_ms,
+        job_ids=tuple(r.job_id for r in results),
+    )
+    errors = tuple(f"deploy to {r.device_id} failed: {r.error}" for r in results if r.error)
+    return Deployed(target, artifact.sha256, artifact.key_id, errors)

@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run many simulated devices in one process")
     _connection_args(sim)
-    sim.add_argument("--devices", type=int, required=True, help="how many devices")
+    sim.add_argument("--devices", type=int, help="how many devices (default: every row of --credentials)")
+    sim.add_argument(
+        "--credentials", type=Path, help="CSV from `edgefleet device register --out`: ids and passwords to log in with"
+    )
     sim.add_argument("--data-dir", type=Path, default=Path("sim-data"), help="one sub-directory per device")
     sim.add_argument("--id-prefix", help="device ids are PREFIX-00000... (default: the class name)")
     sim.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
@@ -160,14 +163,24 @@ def _raise_nofile(wanted: int) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from edgefleet.agent.credentials import read_credentials
     from edgefleet.agent.replay import load_dataset
     from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
     from edgefleet.agent.trust import load_trusted_keys
 
-    _raise_nofile(args.devices + 256)
+    profile = resolve_profile(args.device_class)
+    credentials = read_credentials(args.credentials, device_class=profile.name) if args.credentials else []
+    devices = args.devices if args.devices is not None else len(credentials)
+    if devices <= 0:
+        raise AgentError("give --devices N (N >= 1) or a --credentials file")
+    if credentials and devices > len(credentials):
+        raise AgentError(f"--devices {devices} but {args.credentials} holds {len(credentials)} for this class")
+    _raise_nofile(devices + 256)
     spec = SimulatorSpec(
-        devices=args.devices,
-        profile=resolve_profile(args.device_class),
+        devices=devices,
+        device_ids=tuple(c.device_id for c in credentials[:devices]),
+        passwords={c.device_id: c.password for c in credentials[:devices]},
+        profile=profile,
         data_root=args.data_dir,
         fleet=args.fleet,
         host=args.host,

@@ -48,6 +48,8 @@ class SimulatorSpec:
     port: int = 1883
     id_prefix: str | None = None
     first_index: int = 0
+    # Explicit ids (from a credentials file) win over PREFIX-00000 numbering.
+    device_ids: tuple[str, ...] = ()
     trusted_keys: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
     passwords: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     telemetry_window_s: float = 10.0
@@ -62,6 +64,8 @@ class SimulatorSpec:
     restart_after_s: float = 1.0
 
     def device_id(self, index: int) -> str:
+        if self.device_ids:
+            return self.device_ids[index]
         return f"{self.id_prefix or self.profile.name}-{self.first_index + index:05d}"
 
 

@@ -110,3 +110,55 @@ def test_anonymous_wrong_password_and_unknown_users_are_refused(acl_broker) -> N
         assert peer.answered.is_set()
         assert not peer.connected.is_set(), f"{username} got in"
         peer.close()
+
+
+def test_simulated_devices_log_in_with_registered_credentials(cli, profiles: Path, tmp_path: Path) -> None:
+    """`device register --out` -> `broker config` -> `edgefleet-agent simulate --credentials`, under the real ACL."""
+    import subprocess
+    import sys
+
+    from edgefleet.controller.broker_config import managed_broker
+    from edgefleet.controller.config import load_settings
+    from edgefleet.protocols.topics import status_topic
+
+    if find_mosquitto() is None:
+        pytest.skip("the mosquitto binary is missing: install Debian's `mosquitto` package")
+    port = free_port()
+    cli.env["EDGEFLEET_MQTT_PORT"] = str(port)
+    cli.ok("init")
+    cli.ok("class", "add", "rpi4", "--profile", str(profiles / "rpi4.toml"))
+    creds_file = tmp_path / "creds.csv"
+    cli.ok("device", "register", "--class", "rpi4", "--count", "3", "--prefix", "sim", "--out", str(creds_file))
+    cli.ok("broker", "config")
+    secret = (cli.home / "keys" / "mqtt-controller.secret").read_text().strip()
+    broker: ManagedMosquitto = managed_broker(load_settings(flags={"home": cli.home, "mqtt_port": port}))
+    broker.start()
+    try:
+        controller = Peer(port, "ctl-watch", CONTROLLER_USERNAME, secret)
+        for device in ("sim-0001", "sim-0002", "sim-0003"):
+            controller.client.subscribe(status_topic("default", device), qos=1)
+        code = "import sys; from edgefleet.agent.cli import main; sys.exit(main())"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "simulate", "--credentials", str(creds_file), "--class",
+             str(profiles / "rpi4.toml"), "--port", str(port), "--fleet", "default", "--duration", "3",
+             "--data-dir", str(tmp_path / "sim")],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        time.sleep(0.3)
+        controller.close()
+    finally:
+        broker.stop()
+    assert proc.returncode == 0, proc.stderr
+    online = {topic.split("/")[-2] for topic, payload in controller.received if b"online" in payload}
+    assert online == {"sim-0001", "sim-0002", "sim-0003"}, proc.stdout + proc.stderr
+
+
+def test_simulate_refuses_a_broken_credentials_file(tmp_path: Path, profiles: Path) -> None:
+    from edgefleet.agent.cli import main
+
+    bad = tmp_path / "bad.csv"
+    for content in (b"", b"device_id,password\nx,y\n", b"device_id,username,password\nd1,d1,\n", b"\xff\xfe\x00"):
+        bad.write_bytes(content)
+        assert main(["simulate", "--credentials", str(bad), "--class", str(profiles / "rpi4.toml")]) == 1
+    assert main(["simulate", "--credentials", str(tmp_path / "none.csv"), "--class", str(profiles / "rpi4.toml")]) == 1
+    assert main(["simulate", "--class", str(profiles / "rpi4.toml")]) == 1

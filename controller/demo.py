@@ -1,11 +1,14 @@
 """`edgefleet demo`: the whole product on one machine, end to end, in a few minutes.
 
-Steps: a temporary edgefleet home (registry, signing key); a Mosquitto of its own on a free port; the controller
-(`ControllerApp`: MQTT service, block server, metrics endpoint) in this process; one `edgefleet-agent simulate`
-process per device class; the digits example trained once and compressed per class; the artifacts signed,
-stored and deployed to every device of their class; the devices download, verify, validate, activate, infer on
-labelled samples and report; a table per class. Everything it started is stopped by PID at the end, on Ctrl-C
-or SIGTERM.
+Steps: a temporary edgefleet home (registry, signing key); the simulated devices registered, each one's password
+kept in a 0600 CSV per class in the home (a kept home run again reuses them, see `demo_credentials`); a Mosquitto
+of its own on a free port, configured as `edgefleet broker config` configures one (per-device passwords and ACLs,
+anonymous clients refused); the controller (`ControllerApp`: MQTT service, block server, metrics endpoint) in this
+process, logged in as its own broker user; one `edgefleet-agent simulate --credentials` process per device class;
+the digits example trained once and compressed per class; the artifacts signed, stored and deployed to every
+device of their class; the devices download, verify, validate, activate, infer on labelled samples and report; a
+table per class. Everything it started is stopped by PID at the end, on Ctrl-C or SIGTERM. With `--mqtt-port` it
+uses that broker instead, as its owner configured it (the devices connect to it anonymously).
 
 Example::
 
@@ -28,15 +31,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from prometheus_client import CollectorRegistry
 from rich.console import Console, Group
 from rich.live import Live
 
 from edgefleet.controller.app import ControllerApp
+from edgefleet.controller.broker_config import controller_secret
 from edgefleet.controller.config import Settings
+from edgefleet.controller.demo_credentials import credentials_path
 from edgefleet.controller.demo_fleet import FleetSpec, SimulatedFleet
-from edgefleet.controller.demo_models import BuiltModel, CompressMode, TrainedModel, compress_for_class, train_digits
+from edgefleet.controller.demo_models import (
+    BuiltModel,
+    CompressMode,
+    TrainedModel,
+    compress_for_class,
+    train_digits,
+    write_validation_set,
+)
 from edgefleet.controller.demo_report import (
     ClassReport,
     ClassTarget,
@@ -48,14 +59,17 @@ from edgefleet.controller.demo_report import (
 )
 from edgefleet.controller.demo_setup import (
     BrokerChoice,
+    check_configured_broker,
+    demo_settings,
     prepare_registry,
     sign_and_deploy,
     simulation_profile,
-    start_broker,
+    start_managed_broker,
 )
 from edgefleet.controller.home import init_home
 from edgefleet.controller.keys import public_key_path
 from edgefleet.controller.mosquitto import free_port
+from edgefleet.controller.registry import Registry
 from edgefleet.controller.state_updates import FINAL_JOB_STATES
 from edgefleet.protocols.profile import DeviceProfile
 
@@ -121,7 +135,7 @@ class Demo:
         self.stopped: dict[str, Any] = {}
         self.app: ControllerApp | None = None
         self.home = options.home
-        self.broker = BrokerChoice(host="127.0.0.1", port=0, auth="anonymous", managed=None)
+        self.broker = BrokerChoice(host="127.0.0.1", port=0, auth="not started", managed=None)
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> DemoSummary:
@@ -176,24 +190,25 @@ class Demo:
     # ------------------------------------------------------------------ setting up
     def _setup(self) -> dict[str, DeviceProfile]:
         began = time.monotonic()
-        options = self.options
         if self.home is None:
             self.home = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
         self.console.print(f"edgefleet home [bold]{self.home}[/]")
-        self.broker = start_broker(self.home / "broker", configured=options.broker)
-        where = "managed mosquitto" if self.broker.managed else "configured broker"
-        pid = f", pid {self.broker.managed.pid}" if self.broker.managed else ""
-        self.console.print(f"[green]✓[/] {where} on {self.broker.host}:{self.broker.port}{pid} ({self.broker.auth})")
-        settings = Settings(
-            home=self.home,
-            mqtt_host=self.broker.host,
-            mqtt_port=self.broker.port,
-            metrics_port=free_port(),
-            fleet=options.fleet,
-            mqtt_client_id=f"edgefleet-controller-{options.fleet}",
-            flush_interval_s=0.5,
-        )
+        settings, profiles = self._start_broker_and_controller(self.home)
+        dataset = write_validation_set(self.home / "digits-val.npz")
+        self._start_fleets(profiles, dataset, settings)
+        self.seconds["setup"] = round(time.monotonic() - began, 1)
+        self._wait_online()
+        return profiles
+
+    def _start_broker_and_controller(self, home: Path) -> tuple[Settings, dict[str, DeviceProfile]]:
+        """Registry rows and device passwords first: the managed broker's password file is written from them."""
+        options = self.options
+        configured = check_configured_broker(*options.broker) if options.broker is not None else None
+        host, port = (configured.host, configured.port) if configured is not None else ("127.0.0.1", free_port())
+        settings = demo_settings(home, mqtt_host=host, mqtt_port=port, fleet=options.fleet)
         init_home(settings)
+        if configured is None:
+            controller_secret(settings)  # before the app is built: it reads its MQTT login from there
         app = self.app = ControllerApp(settings, registry=CollectorRegistry())
         profiles = prepare_registry(
             app.db,
@@ -202,25 +217,19 @@ class Demo:
             devices=options.devices,
             profiles_dir=options.profiles_dir,
             model=MODEL,
+            home=home,
+            mqtt_host=host,
+            mqtt_port=port,
         )
+        self.broker = configured or start_managed_broker(settings, Registry(app.db, actor="demo"))
+        where = "managed mosquitto" if self.broker.managed else "configured broker"
+        pid = f", pid {self.broker.managed.pid}" if self.broker.managed else ""
+        self.console.print(f"[green]✓[/] {where} on {host}:{port}{pid} ({self.broker.auth})")
         app.start()
         self.console.print(
             f"[green]✓[/] controller up; metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
         )
-        dataset = self._write_dataset()
-        self._start_fleets(profiles, dataset, settings)
-        self.seconds["setup"] = round(time.monotonic() - began, 1)
-        self._wait_online()
-        return profiles
-
-    def _write_dataset(self) -> Path:
-        from edgefleet.controller.demo_models import validation_arrays
-
-        assert self.home is not None  # noqa: S101 - set by _setup
-        x, y = validation_arrays()
-        path = self.home / "digits-val.npz"
-        np.savez(path, x=x, y=y)
-        return path
+        return settings, profiles
 
     def _start_fleets(self, profiles: dict[str, DeviceProfile], dataset: Path, settings: Settings) -> None:
         assert self.home is not None  # noqa: S101 - set by _setup
@@ -238,6 +247,8 @@ class Demo:
                 log_path=self.home / "logs" / f"simulate-{name}.log",
                 telemetry_window_s=self.options.telemetry_window_s,
                 rate_hz=self.options.rate_hz,
+                # a configured broker is the user's: devices connect to it anonymously, as they always have
+                credentials=credentials_path(self.home, name) if self.broker.managed else None,
             )
             fleet = SimulatedFleet.start(spec)
             self.fleets.append(fleet)

@@ -47,6 +47,7 @@ def _print_summary(summary: DemoSummary, console: Console) -> None:
     console.rule("edgefleet demo: results")
     for report in summary.classes:
         console.print(render_table(report))
+    console.print(f"broker: {summary.broker}, {summary.broker_auth}")
     timings = ", ".join(f"{k} {v:g}s" for k, v in summary.seconds.items())
     console.print(f"timings: {timings}")
     for problem in summary.problems:
@@ -77,7 +78,14 @@ def demo(  # noqa: PLR0917 - typer passes every option by position
     rate: Annotated[float, typer.Option("--rate", min=0.1, max=50, help="inferences per second per device")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="progress on stderr, a JSON summary on stdout")] = False,
 ) -> None:
-    """Run the whole product on this machine: broker, controller, simulated fleet, compress, deploy, watch."""
+    """Run the whole product on this machine: broker, controller, simulated fleet, compress, deploy, watch.
+
+    Its own Mosquitto checks per-device passwords and ACLs and refuses anonymous clients.
+
+    Device passwords are kept in HOME/credentials/CLASS.csv (0600); a kept --home run again reuses them.
+
+    With the global --mqtt-port it uses that broker as configured; devices connect to it anonymously (its business).
+    """
     flags = _root_flags(ctx)
     broker = None
     if flags.get("mqtt_port") is not None:

@@ -1,8 +1,9 @@
 """The demo's processes: a simulated fleet per device class (`edgefleet-agent simulate`), stopped by PID.
 
 The agent runs in its own process (it never imports torch, and the controller never imports the agent): one
-`edgefleet-agent simulate` per class, in a session of its own so that a Ctrl-C in the terminal reaches the demo
-only, which then stops the fleets in order (SIGINT, which the agent handles cleanly; SIGKILL after a timeout).
+`edgefleet-agent simulate` per class (with `--credentials` when the broker checks passwords), in a session of its
+own so that a Ctrl-C in the terminal reaches the demo only, which then stops the fleets in order (SIGINT, which the
+agent handles cleanly; SIGKILL after a timeout).
 
 Example::
 
@@ -61,8 +62,10 @@ class FleetSpec:
     telemetry_window_s: float = 5.0
     rate_hz: float = 1.0
     infer_fraction: float = 1.0
+    credentials: Path | None = None  # `device register --out` CSV: the devices log in with their passwords
 
     def argv(self) -> list[str]:
+        login = ["--credentials", str(self.credentials)] if self.credentials is not None else []
         return [
             *agent_command(),
             "simulate",
@@ -79,6 +82,7 @@ class FleetSpec:
             "--telemetry-window", f"{self.telemetry_window_s:g}",
             "--data-dir", str(self.data_dir),
             "--log-level", "warning",
+            *login,
         ]  # fmt: skip
 
 

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import JsonValue
@@ -36,6 +37,7 @@ __all__ = [
     "fixed_recipe",
     "train_digits",
     "validation_arrays",
+    "write_validation_set",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,15 @@ def validation_arrays() -> tuple[np.ndarray, np.ndarray]:
 
     task = digits_task()
     return task.x_val, task.y_val
+
+
+def write_validation_set(path: Path) -> Path:
+    """The validation split as the `.npz` (`x`, `y`) that `edgefleet-agent simulate --dataset` replays."""
+    import numpy as np
+
+    x, y = validation_arrays()
+    np.savez(path, x=x, y=y)
+    return path
 
 
 def _recipe_dicts(recipe: Any) -> tuple[dict[str, JsonValue], ...]:

@@ -1,14 +1,17 @@
 """The demo's set-up and deploy: its broker (a managed Mosquitto, or one configured), its registry rows, and
 signing, storing and deploying each class's model through the running controller.
 
-Devices connect anonymously: `edgefleet-agent simulate` has no way yet to take the per-device passwords that
-`edgefleet device register` hands out, so the demo's broker cannot use the password file and ACLs of
-`edgefleet broker config`.
+The managed broker runs under the security a real fleet gets from `edgefleet broker config`: the demo registers its
+simulated devices (keeping each password in a 0600 CSV per class, see `demo_credentials`), writes the password file
+and ACLs of every registered device, and starts that broker, which refuses anonymous clients. The controller logs in
+as its own user and each `edgefleet-agent simulate` with `--credentials`. A configured broker (`--mqtt-port`) is
+the user's: devices connect to it anonymously, as before, and whether it lets them is its owner's business.
 
 Example::
 
-    broker = start_broker(home / "broker", configured=None)
-    profiles = prepare_registry(db, fleet="demo", classes=("rpi4",), devices=10, profiles_dir=p, model="digits")
+    profiles = prepare_registry(db, fleet="demo", classes=("rpi4",), devices=10, profiles_dir=p, model="digits",
+                                home=home, mqtt_host="127.0.0.1", mqtt_port=port)
+    broker = start_managed_broker(settings, Registry(db, actor="demo"))
 """
 
 from __future__ import annotations
@@ -20,22 +23,40 @@ from pathlib import Path
 
 from edgefleet.controller.app import ControllerApp
 from edgefleet.controller.artifacts import ArtifactCatalog
+from edgefleet.controller.broker_config import managed_broker, write_broker_config
+from edgefleet.controller.config import Settings
 from edgefleet.controller.db import Database
+from edgefleet.controller.demo_credentials import credentials_path, ensure_credentials
 from edgefleet.controller.demo_fleet import simulated_ids
 from edgefleet.controller.demo_models import BuiltModel
 from edgefleet.controller.demo_report import ClassTarget
 from edgefleet.controller.deploy import Deployer
 from edgefleet.controller.errors import ConfigError, NotFoundError
 from edgefleet.controller.keys import load_signing_key
-from edgefleet.controller.mosquitto import BrokerError, ManagedMosquitto, port_answers
+from edgefleet.controller.mosquitto import BrokerError, ManagedMosquitto, free_port, port_answers
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.store import ArtifactStore
 from edgefleet.protocols.errors import ProtocolError
 from edgefleet.protocols.profile import DeviceProfile, load_profile
 
-__all__ = ["BrokerChoice", "Deployed", "prepare_registry", "sign_and_deploy", "simulation_profile", "start_broker"]
+__all__ = [
+    "CONFIGURED_AUTH",
+    "MANAGED_AUTH",
+    "BrokerChoice",
+    "Deployed",
+    "check_configured_broker",
+    "demo_settings",
+    "prepare_registry",
+    "sign_and_deploy",
+    "simulation_profile",
+    "start_managed_broker",
+]
 
 _THREADS_LINE = re.compile(r"^threads\s*=\s*\d+\s*$", re.MULTILINE)
+
+
+MANAGED_AUTH = "per-device passwords and ACLs, anonymous clients refused"
+CONFIGURED_AUTH = "as its owner configured it; the devices connect anonymously"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,19 +67,41 @@ class BrokerChoice:
     managed: ManagedMosquitto | None
 
 
-def start_broker(workdir: Path, *, configured: tuple[str, int] | None) -> BrokerChoice:
-    """The configured broker when one is given (it must answer), else a managed Mosquitto on a free port."""
-    if configured is not None:
-        host, port = configured
-        if not port_answers(host, port, timeout=2.0):
-            raise ConfigError(f"the configured MQTT broker {host}:{port} does not answer")
-        return BrokerChoice(host, port, "as configured", None)
-    broker = ManagedMosquitto(workdir, allow_anonymous=True)
+def demo_settings(home: Path, *, mqtt_host: str, mqtt_port: int, fleet: str) -> Settings:
+    """The controller's settings in the demo: a free metrics port, telemetry flushed twice a second."""
+    return Settings(
+        home=home,
+        mqtt_host=mqtt_host,
+        mqtt_port=mqtt_port,
+        metrics_port=free_port(),
+        fleet=fleet,
+        mqtt_client_id=f"edgefleet-controller-{fleet}",
+        flush_interval_s=0.5,
+    )
+
+
+def check_configured_broker(host: str, port: int) -> BrokerChoice:
+    """A broker the user runs (`--mqtt-port`): it must answer; its security is its owner's business."""
+    if not port_answers(host, port, timeout=2.0):
+        raise ConfigError(f"the configured MQTT broker {host}:{port} does not answer")
+    return BrokerChoice(host, port, CONFIGURED_AUTH, None)
+
+
+def start_managed_broker(settings: Settings, registry: Registry) -> BrokerChoice:
+    """Write the broker config of every registered device (`edgefleet broker config`) and start that broker.
+
+    It listens on `settings.mqtt_host:mqtt_port` and uses `<home>/broker`: mosquitto.conf (`allow_anonymous
+    false`), passwd (the registry's hashes and the controller's users) and acl (each device its own topics).
+    """
+    files = write_broker_config(settings, registry.broker_accounts())
+    broker = managed_broker(settings)
     try:
         broker.start()
     except BrokerError as exc:
-        raise ConfigError(f"{exc} (log: {broker.log_path}); or point the demo at a broker with --mqtt-port") from exc
-    return BrokerChoice(broker.host, broker.port, "anonymous devices", broker)
+        raise ConfigError(
+            f"{exc} (config: {files.config}, log: {broker.log_path}); or point the demo at a broker with --mqtt-port"
+        ) from exc
+    return BrokerChoice(broker.host, broker.port, MANAGED_AUTH, broker)
 
 
 def _profile(profiles_dir: Path, name: str) -> DeviceProfile:
@@ -100,8 +143,14 @@ def prepare_registry(
     devices: int,
     profiles_dir: Path,
     model: str,
+    home: Path,
+    mqtt_host: str,
+    mqtt_port: int,
 ) -> dict[str, DeviceProfile]:
-    """Classes, the simulated devices and the model, each added only when missing (a kept home can be reused)."""
+    """Classes, the simulated devices and the model, each added only when missing (a kept home can be reused).
+
+    Each class's device passwords are kept in `credentials_path(home, class)` for `simulate --credentials`.
+    """
     registry = Registry(db, actor="demo")
     registry.ensure_fleet(fleet)
     known = {row.name for row, _ in registry.list_classes()}
@@ -110,10 +159,15 @@ def prepare_registry(
         profile = profiles[name] = _profile(profiles_dir, name)
         if name not in known:
             registry.add_class(profile)
-        have = {d.id for d in registry.list_devices(class_name=name)}
-        missing = [i for i in simulated_ids(name, devices) if i not in have]
-        if missing:
-            registry.register_devices(missing, class_name=name, fleet=fleet)
+        ensure_credentials(
+            registry,
+            class_name=name,
+            fleet=fleet,
+            ids=simulated_ids(name, devices),
+            path=credentials_path(home, name),
+            mqtt_host=mqtt_host,
+            mqtt_port=mqtt_port,
+        )
     try:
         registry.get_model(model)
     except NotFoundError:

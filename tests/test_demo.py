@@ -1,29 +1,42 @@
 """`edgefleet demo` end to end: a real Mosquitto, the controller, two simulated classes, compression, deploy, telemetry.
 
-The two full runs are `slow` (about a minute each on two busy cores) and bounded by a subprocess timeout.
+The two full runs are `slow` (about a minute each on two busy cores) and bounded by a subprocess timeout. The demo's
+broker is the secured one of `edgefleet broker config`: the devices log in with the passwords it kept per class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from edgefleet.agent.cli import build_parser
+from edgefleet.agent.credentials import read_credentials
+from edgefleet.controller.config import Settings
+from edgefleet.controller.credentials import verify_secret
 from edgefleet.controller.demo import default_profiles_dir
+from edgefleet.controller.demo_credentials import credentials_path
 from edgefleet.controller.demo_fleet import FleetSpec, simulated_ids
 from edgefleet.controller.demo_models import fixed_recipe
 from edgefleet.controller.demo_report import histogram_quantile
-from edgefleet.controller.demo_setup import simulation_profile
+from edgefleet.controller.demo_setup import MANAGED_AUTH, prepare_registry, simulation_profile
+from edgefleet.controller.errors import ConfigError
+from edgefleet.controller.home import init_home, open_database
 from edgefleet.controller.mosquitto import find_mosquitto
+from edgefleet.controller.registry import Registry
 from edgefleet.protocols.profile import load_profile
 
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
@@ -39,6 +52,27 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def _anonymous_login(port: int) -> str:
+    """What the broker on `port` answers a client that gives no username (the MQTT 5 CONNACK reason)."""
+    answered = threading.Event()
+    reasons: list[str] = []
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        reasons.append(str(reason))
+        answered.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="anonymous-probe", protocol=mqtt.MQTTv5)
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        answered.wait(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return reasons[0] if reasons else "no answer"
 
 
 def test_p95_is_interpolated_within_its_bucket_like_prometheus() -> None:
@@ -61,11 +95,16 @@ def test_the_fleet_command_is_one_the_agent_accepts(tmp_path: Path) -> None:
         dataset=tmp_path / "val.npz",
         data_dir=tmp_path / "devices",
         log_path=tmp_path / "sim.log",
+        credentials=tmp_path / "rpi4.csv",
     )
     argv = spec.argv()
     verb = argv.index("simulate")
     args = build_parser().parse_args(argv[verb:])
     assert (args.devices, args.port, args.id_prefix, args.infer_fraction) == (4, 1884, "rpi4", 1.0)
+    assert args.credentials == tmp_path / "rpi4.csv"
+    # a configured broker (`--mqtt-port`): no credentials, the devices connect anonymously as before
+    bare = dataclasses.replace(spec, credentials=None).argv()
+    assert build_parser().parse_args(bare[verb:]).credentials is None
     # the ids the demo registers are the ones the simulator gives its devices
     assert simulated_ids("rpi4", 2) == ["rpi4-00000", "rpi4-00001"]
 
@@ -77,6 +116,49 @@ def test_simulated_devices_run_one_host_thread_and_keep_the_rest_of_their_profil
         original, simulated = load_profile(source), load_profile(copy)
         assert simulated.threads == 1
         assert simulated.model_dump(exclude={"threads"}) == original.model_dump(exclude={"threads"})
+
+
+def _prepare(home: Path, devices: int) -> None:
+    settings = Settings(home=home, fleet="demo")
+    init_home(settings)
+    db = open_database(settings)
+    try:
+        prepare_registry(db, fleet="demo", classes=("rpi4", "cortex-a53"), devices=devices,
+                         profiles_dir=default_profiles_dir(), model="digits", home=home,
+                         mqtt_host="127.0.0.1", mqtt_port=1884)  # fmt: skip
+    finally:
+        db.dispose()
+
+
+def _hashes(home: Path) -> dict[str, str]:
+    db = open_database(Settings(home=home, fleet="demo"))
+    try:
+        return dict(Registry(db, actor="test").broker_accounts())
+    finally:
+        db.dispose()
+
+
+def test_a_kept_home_reuses_the_device_passwords_it_kept_and_adds_new_devices(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _prepare(home, 2)
+    path = credentials_path(home, "rpi4")
+    first = {c.device_id: c.password for c in read_credentials(path, device_class="rpi4")}
+    assert list(first) == ["rpi4-00000", "rpi4-00001"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [c.device_id for c in read_credentials(credentials_path(home, "cortex-a53"))] == simulated_ids(
+        "cortex-a53", 2
+    )
+
+    _prepare(home, 3)  # a second run of the same home, with one more device per class
+    second = {c.device_id: c.password for c in read_credentials(path, device_class="rpi4")}
+    assert list(second) == simulated_ids("rpi4", 3)
+    assert {k: second[k] for k in first} == first  # the kept passwords still hold
+    hashes = _hashes(home)
+    assert all(verify_secret(password, hashes[device]) for device, password in second.items())
+
+    path.unlink()  # passwords are shown once: a home that lost them cannot be reused
+    with pytest.raises(ConfigError, match=r"rpi4-00000.*not in .*rpi4\.csv.*fresh --home"):
+        _prepare(home, 3)
 
 
 def test_every_fixed_demo_recipe_is_a_valid_recipe() -> None:
@@ -122,6 +204,16 @@ def test_the_demo_deploys_to_every_device_and_reports_telemetry(tmp_path: Path) 
     assert "every device" not in run.stderr  # the verdict is in the JSON; progress went to stderr
     assert "✓ stopped everything the demo started" in run.stderr
     assert (home / "registry.db").exists()
+    # the demo's broker was the secured one: per-device passwords and ACLs, anonymous clients refused
+    assert summary["broker_auth"] == MANAGED_AUTH
+    config = (home / "broker" / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in config
+    assert "password_file" in config
+    assert "acl_file" in config
+    for name in ("rpi4", "cortex-a53"):
+        kept = credentials_path(home, name)
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert [c.device_id for c in read_credentials(kept, device_class=name)] == simulated_ids(name, 3)
 
 
 @pytest.mark.slow
@@ -149,6 +241,9 @@ def test_ctrl_c_stops_everything_the_demo_started_and_metrics_are_up_meanwhile(t
         assert len(urls) == 1, "".join(seen)
         body = urllib.request.urlopen(urls[0], timeout=5).read().decode()  # noqa: S310 - a local http URL
         assert 'edgefleet_devices{device_class="rpi4"' in body
+        ports = [int(p) for line in seen for p in re.findall(r"managed mosquitto on 127\.0\.0\.1:(\d+)", line)]
+        assert len(ports) == 1, "".join(seen)
+        assert _anonymous_login(ports[0]) == "Not authorized"  # while the devices are logged in with passwords
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

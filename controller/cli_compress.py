@@ -129,3 +129,6 @@ def run(
 from edgefleet.controller.cli_plan import plan  # noqa: E402
 
 compress_app.command("plan")(plan)
+from edgefleet.controller.cli_compress_class import compress_for_class  # noqa: E402
+
+compress_app.command("class")(compress_for_class)

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
     from edgefleet.compression.plan_models import Candidate, PlanResult
     from edgefleet.compression.task import Task
+    from edgefleet.protocols.profile import DeviceProfile
 
-__all__ = ["plan"]
+__all__ = ["default_cache_dir", "plan", "print_plan", "run_plan"]
 
 
 def default_cache_dir() -> Path:
@@ -90,7 +91,7 @@ def _contributions_table(result: PlanResult) -> object:
     return table
 
 
-def _print(result: PlanResult, console: Console) -> None:
+def print_plan(result: PlanResult, console: Console) -> None:
     profile = result.profile
     cache = f"cache {result.cache_hits} hits / {result.cache_misses} misses"
     console.print(
@@ -122,18 +123,21 @@ def _print(result: PlanResult, console: Console) -> None:
         console.print("note: the time budget ran out; this is the best fit measured so far")
 
 
-def _run_plan(
-    the_model: nn.Module | bytes, task: Task, profile_path: Path, time_budget: float | None, cache_dir: Path | None
+def run_plan(
+    the_model: nn.Module | bytes,
+    task: Task,
+    profile: DeviceProfile,
+    time_budget: float | None,
+    cache_dir: Path | None,
 ) -> PlanResult:
+    """Plan with a progress bar on stderr (shared by `compress plan` and `compress class`)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edgefleet.compression.plan_cache import PlanCache
     from edgefleet.compression.planner import PlanOptions
     from edgefleet.compression.planner import plan as make_plan
-    from edgefleet.protocols.profile import load_profile
 
-    profile = load_profile(profile_path)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         job = bar.add_task(f"planning for {profile.name}", total=1)
@@ -182,10 +186,10 @@ def plan(
     from edgefleet.protocols.profile import load_profile
 
     try:
-        load_profile(profile)  # bad profiles fail before any training
+        device_profile = load_profile(profile)  # bad profiles fail before any training
         the_model, task = load_model_source(example, model, onnx_file, data, train_epochs)
-        result = _run_plan(
-            the_model, task, profile, time_budget, None if no_cache else cache_dir or default_cache_dir()
+        result = run_plan(
+            the_model, task, device_profile, time_budget, None if no_cache else cache_dir or default_cache_dir()
         )
         if result.artifact is not None and out is not None:
             write_atomic(out, result.artifact)
@@ -200,7 +204,7 @@ def plan(
         typer.echo(result.model_dump_json(indent=2))
     else:
         console = Console()
-        _print(result, console)
+        print_plan(result, console)
         if result.artifact is not None and out is not None:
             console.print(f"wrote {out} ({len(result.artifact)} bytes)")
         if plot_path is not None and result.candidates:

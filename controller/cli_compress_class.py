@@ -1,0 +1,118 @@
+"""`edgefleet compress class MODEL --class C`: plan for a registered device class and store the pick as that
+class's next signed artifact, ready for `edgefleet deploy` (the planner's choice, its recipe and its measurements
+travel in the manifest).
+
+    edgefleet model add digits --example digits
+    edgefleet compress class digits --class rpi4 --example digits --time-budget 300
+    edgefleet deploy <artifact id> --class rpi4
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from edgefleet.controller.cli_common import open_registry, settings_of
+from edgefleet.controller.cli_sources import ExampleName, fail, load_model_source
+
+if TYPE_CHECKING:
+    from edgefleet.compression.plan_models import Candidate, PlanResult
+
+__all__ = ["compress_for_class", "manifest_metrics"]
+
+
+def manifest_metrics(chosen: Candidate) -> dict[str, float]:
+    """What the controller measured, as the manifest's `metrics` (numbers only)."""
+    m = chosen.measurement
+    values = {
+        "accuracy": m.accuracy,
+        "file_bytes": m.file_bytes,
+        "transfer_bytes": m.transfer_bytes,
+        "parameters": m.parameters,
+        "host_latency_p50_ms": m.latency_p50_ms,
+        "host_latency_p95_ms": m.latency_p95_ms,
+        "predicted_device_latency_p95_ms": chosen.predicted_latency_ms,
+        "peak_rss_bytes": m.peak_rss_bytes,
+        "size_ratio": m.size_ratio,
+        "accuracy_delta": m.accuracy_delta,
+    }
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def _nothing_fits(result: PlanResult, class_name: str) -> str:
+    if result.closest is None:
+        return f"no recipe can run on class {class_name}: " + "; ".join(result.incompatible or ["incompatible"])
+    misses = ", ".join(f"{m.constraint.value} {m.value:g} vs {m.budget:g} {m.unit}" for m in result.misses)
+    return f"nothing fits class {class_name}; closest: {result.closest.label} ({misses}); nothing was stored"
+
+
+def compress_for_class(  # noqa: PLR0917 - typer passes options by position
+    ctx: typer.Context,
+    model_name: Annotated[str, typer.Argument(help="a model added with `edgefleet model add`")],
+    class_name: Annotated[str, typer.Option("--class", help="the registered device class to plan for")],
+    example: Annotated[ExampleName | None, typer.Option(help="a shipped example (trained first)")] = None,
+    model: Annotated[str | None, typer.Option(help="'package.module:factory' or a torch.export .pt2 file")] = None,
+    onnx_file: Annotated[Path | None, typer.Option("--onnx", help="an ONNX model (quantize/fp16 only)")] = None,
+    data: Annotated[Path | None, typer.Option(help=".npz with x_train, y_train, x_val, y_val")] = None,
+    time_budget: Annotated[float | None, typer.Option(min=1, help="seconds; best fit so far when they run out")] = None,
+    train_epochs: Annotated[int | None, typer.Option(min=1, max=1000, help="epochs to train the example")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the stored artifact as JSON")] = False,
+) -> None:
+    """Plan a recipe for a registered class and store the result as its next signed artifact."""
+    if sum(s is not None for s in (example, model, onnx_file)) != 1:
+        raise typer.BadParameter("give exactly one of --example, --model, --onnx", param_hint="--example")
+    from rich.console import Console
+
+    from edgefleet.compression import CompressionError
+    from edgefleet.controller.artifacts import ArtifactCatalog
+    from edgefleet.controller.cli_plan import default_cache_dir, print_plan, run_plan
+    from edgefleet.controller.errors import ControllerError
+    from edgefleet.controller.keys import load_signing_key
+    from edgefleet.controller.store import ArtifactStore
+    from edgefleet.protocols.errors import ProtocolError
+
+    try:
+        settings = settings_of(ctx)
+        registry = open_registry(ctx)
+        registry.get_model(model_name)
+        _, profile = registry.get_class(class_name)
+        catalog = ArtifactCatalog(
+            registry.db,
+            store=ArtifactStore(settings.store_dir),
+            signing_key=load_signing_key(settings.key_path),
+            actor=registry.actor,
+        )
+        the_model, task = load_model_source(example, model, onnx_file, data, train_epochs)
+        result = run_plan(the_model, task, profile, time_budget, default_cache_dir())
+        if not as_json:
+            print_plan(result, Console(stderr=True))
+        if result.chosen is None or result.artifact is None:
+            raise fail(_nothing_fits(result, class_name))
+        recipe = tuple(p.model_dump(mode="json") for p in result.chosen.recipe.passes)
+        with tempfile.TemporaryDirectory(prefix="edgefleet-plan-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(result.artifact)
+            artifact = catalog.add_from_onnx(
+                model_name,
+                class_name=class_name,
+                onnx_path=path,
+                recipe=recipe,
+                metrics=manifest_metrics(result.chosen),
+            )
+    except (ControllerError, ProtocolError, CompressionError) as exc:
+        raise fail(str(exc)) from exc
+    row = {"id": artifact.id, "model": model_name, "class": class_name, "version": artifact.version,
+           "size": artifact.size, "sha256": artifact.sha256, "recipe": result.chosen.label,
+           "binding": result.binding.value if result.binding else None}  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(row, indent=2))
+        return
+    typer.echo(
+        f"artifact {artifact.id}: {model_name} for class {class_name}, version {artifact.version}, "
+        f"{artifact.size} bytes, recipe {result.chosen.label}, signed; deploy it with "
+        f"`edgefleet deploy {artifact.id} --class {class_name}`"
+    )

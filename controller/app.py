@@ -1,6 +1,7 @@
 """The controller process: registry database, message service, MQTT connection and metrics endpoint together.
 
-`edgefleet serve`, `edgefleet demo` and the ingest benchmark run a `ControllerApp`. Unless a `block_requests` hook
+`edgefleet serve`, `edgefleet demo` and the ingest benchmark run a `ControllerApp`. It runs the rollout engine
+(`RolloutRunner`, one tick a second) unless `rollouts=False`. Unless a `block_requests` hook
 is given (or `serve_blocks=False`), it serves artifact blocks from the store to the devices that ask
 (`BlockServing`), counting the bytes in `edgefleet_artifact_bytes_served_total{device_class}`.
 
@@ -28,6 +29,9 @@ from edgefleet.controller.db import Database
 from edgefleet.controller.home import open_database
 from edgefleet.controller.metrics import ControllerMetrics
 from edgefleet.controller.mqtt import MqttClient, MqttError
+from edgefleet.controller.rollout_engine import RolloutEngine
+from edgefleet.controller.rollout_metrics import RolloutCollector
+from edgefleet.controller.rollout_runner import RolloutRunner
 from edgefleet.controller.service import BlockRequestHook, ControllerService
 from edgefleet.controller.store import ArtifactStore
 from edgefleet.controller.tables import DeploymentJob, Device, utcnow
@@ -130,6 +134,8 @@ class ControllerApp:
         block_requests: BlockRequestHook | None = None,
         serve_blocks: bool = True,
         block_rate_bytes_per_s: float | None = 20e6,
+        rollouts: bool = True,
+        rollout_interval_s: float = 1.0,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.settings = settings
@@ -179,6 +185,13 @@ class ControllerApp:
                 rate_limit_bytes_per_s=block_rate_bytes_per_s,
             )
             self.service.block_requests = self.blocks
+        # Rollouts advance on their own thread, one database transaction per step (restart-safe); their state is
+        # exported from the database at scrape time.
+        self.rollouts: RolloutRunner | None = None
+        if rollouts:
+            engine = RolloutEngine(self.db, publisher=self.mqtt, metrics=self.metrics)
+            self.rollouts = RolloutRunner(engine, interval_s=rollout_interval_s)
+            self.registry.register(RolloutCollector(self.db))
         self._http: Any = None
 
     def _fleet_of(self, device_id: str) -> str | None:
@@ -191,6 +204,8 @@ class ControllerApp:
             self.blocks.start()
         try:
             self.mqtt.connect(timeout=connect_timeout)
+            if self.rollouts is not None:
+                self.rollouts.start()
             if metrics_server:
                 self._http = start_http_server(
                     self.settings.metrics_port, addr=self.settings.metrics_host, registry=self.registry
@@ -201,6 +216,8 @@ class ControllerApp:
         log.info("controller serving fleet %s", self.settings.fleet)
 
     def stop(self) -> None:
+        if self.rollouts is not None:
+            self.rollouts.stop()
         if self.blocks is not None:
             self.blocks.stop()
         self.mqtt.close()

@@ -23,6 +23,8 @@ from edgefleet.controller.cli_device import device_app
 from edgefleet.controller.cli_fleet import class_app, fleet_app
 from edgefleet.controller.cli_model import artifact_app, model_app
 from edgefleet.controller.cli_ops import broker_app, deploy, serve
+from edgefleet.controller.cli_recompress import recompress_app
+from edgefleet.controller.cli_rollout import rollout_app
 from edgefleet.controller.demo_cli import demo
 from edgefleet.controller.home import init_home
 
@@ -91,6 +93,8 @@ app.command("deploy")(deploy)
 app.add_typer(broker_app, name="broker")
 app.command("serve")(serve)
 app.add_typer(compress_app, name="compress")
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(recompress_app, name="recompress")
 
 
 app.command("demo")(demo)

@@ -10,44 +10,15 @@ travel in the manifest).
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from edgefleet.controller.cli_common import open_registry, settings_of
 from edgefleet.controller.cli_sources import ExampleName, fail, load_model_source
 
-if TYPE_CHECKING:
-    from edgefleet.compression.plan_models import Candidate, PlanResult
-
-__all__ = ["compress_for_class", "manifest_metrics"]
-
-
-def manifest_metrics(chosen: Candidate) -> dict[str, float]:
-    """What the controller measured, as the manifest's `metrics` (numbers only)."""
-    m = chosen.measurement
-    values = {
-        "accuracy": m.accuracy,
-        "file_bytes": m.file_bytes,
-        "transfer_bytes": m.transfer_bytes,
-        "parameters": m.parameters,
-        "host_latency_p50_ms": m.latency_p50_ms,
-        "host_latency_p95_ms": m.latency_p95_ms,
-        "predicted_device_latency_p95_ms": chosen.predicted_latency_ms,
-        "peak_rss_bytes": m.peak_rss_bytes,
-        "size_ratio": m.size_ratio,
-        "accuracy_delta": m.accuracy_delta,
-    }
-    return {k: float(v) for k, v in values.items() if v is not None}
-
-
-def _nothing_fits(result: PlanResult, class_name: str) -> str:
-    if result.closest is None:
-        return f"no recipe can run on class {class_name}: " + "; ".join(result.incompatible or ["incompatible"])
-    misses = ", ".join(f"{m.constraint.value} {m.value:g} vs {m.budget:g} {m.unit}" for m in result.misses)
-    return f"nothing fits class {class_name}; closest: {result.closest.label} ({misses}); nothing was stored"
+__all__ = ["compress_for_class"]
 
 
 def compress_for_class(  # noqa: PLR0917 - typer passes options by position
@@ -72,6 +43,7 @@ def compress_for_class(  # noqa: PLR0917 - typer passes options by position
     from edgefleet.controller.cli_plan import default_cache_dir, print_plan, run_plan
     from edgefleet.controller.errors import ControllerError
     from edgefleet.controller.keys import load_signing_key
+    from edgefleet.controller.planned import store_planned
     from edgefleet.controller.store import ArtifactStore
     from edgefleet.protocols.errors import ProtocolError
 
@@ -90,21 +62,10 @@ def compress_for_class(  # noqa: PLR0917 - typer passes options by position
         result = run_plan(the_model, task, profile, time_budget, default_cache_dir())
         if not as_json:
             print_plan(result, Console(stderr=True))
-        if result.chosen is None or result.artifact is None:
-            raise fail(_nothing_fits(result, class_name))
-        recipe = tuple(p.model_dump(mode="json") for p in result.chosen.recipe.passes)
-        with tempfile.TemporaryDirectory(prefix="edgefleet-plan-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            path.write_bytes(result.artifact)
-            artifact = catalog.add_from_onnx(
-                model_name,
-                class_name=class_name,
-                onnx_path=path,
-                recipe=recipe,
-                metrics=manifest_metrics(result.chosen),
-            )
+        artifact = store_planned(catalog, result, model_name=model_name, class_name=class_name)
     except (ControllerError, ProtocolError, CompressionError) as exc:
         raise fail(str(exc)) from exc
+    assert result.chosen is not None  # noqa: S101 - store_planned raised otherwise
     row = {"id": artifact.id, "model": model_name, "class": class_name, "version": artifact.version,
            "size": artifact.size, "sha256": artifact.sha256, "recipe": result.chosen.label,
            "binding": result.binding.value if result.binding else None}  # fmt: skip

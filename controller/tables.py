@@ -15,11 +15,15 @@ from sqlmodel import Field, SQLModel
 __all__ = [
     "Artifact",
     "AuditEntry",
+    "ClassPolicy",
     "DeploymentJob",
     "Device",
     "DeviceClass",
     "Fleet",
     "Model",
+    "Recompression",
+    "Rollout",
+    "RolloutDevice",
     "TelemetryRollup",
     "UTCDateTime",
     "utcnow",
@@ -168,3 +172,91 @@ class AuditEntry(SQLModel, table=True):
     action: str = Field(max_length=64, index=True)
     target: str = Field(max_length=256)
     detail_json: str = Field(default="{}", sa_type=sa.Text)
+
+
+class Rollout(SQLModel, table=True):
+    """One artifact rolled out to a class in waves, gated on the health of the devices that already have it.
+
+    `state` is pending, running, paused, aborted or completed; the plan, the gate thresholds and the last gate
+    results are JSON documents (see `edgefleet.controller.rollout_plan`).
+    """
+
+    __tablename__ = "rollouts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    artifact_id: int = Field(foreign_key="artifacts.id", index=True)
+    class_name: str = Field(foreign_key="device_classes.name", index=True, max_length=64)
+    state: str = Field(max_length=16, index=True)
+    on_breach: str = Field(max_length=16)
+    plan_json: str = Field(default="{}", sa_type=sa.Text)
+    gates_json: str = Field(default="{}", sa_type=sa.Text)
+    selector_json: str = Field(default="{}", sa_type=sa.Text)
+    wave_count: int = Field(default=1)
+    current_wave: int = Field(default=-1)
+    wave_started_at: dt.datetime | None = _when(nullable=True)
+    # Gates judge telemetry from this time on (set on resume, so a resumed rollout is judged on fresh evidence).
+    judge_since: dt.datetime | None = _when(nullable=True)
+    previous_version: int | None = Field(default=None)
+    gate_results_json: str = Field(default="{}", sa_type=sa.Text)
+    breach_json: str | None = Field(default=None, sa_type=sa.Text)
+    actor: str = Field(default="operator", max_length=128)
+    created_at: dt.datetime = _when()
+    updated_at: dt.datetime = _when()
+    finished_at: dt.datetime | None = _when(nullable=True)
+
+
+class RolloutDevice(SQLModel, table=True):
+    """One device's place in a rollout: its wave, its deploy job and, after an abort, its rollback job."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (sa.UniqueConstraint("rollout_id", "device_id", name="uq_rollout_device"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: int = Field(foreign_key="rollouts.id", index=True)
+    device_id: str = Field(foreign_key="devices.id", index=True, max_length=128)
+    wave: int
+    state: str = Field(max_length=32, index=True)
+    job_id: str | None = Field(default=None, max_length=64)
+    rollback_job_id: str | None = Field(default=None, max_length=64)
+    previous_version: int | None = Field(default=None)
+    attempts: int = Field(default=0)
+    sent_at: dt.datetime | None = _when(nullable=True)
+    finished_at: dt.datetime | None = _when(nullable=True)
+    detail: str | None = Field(default=None, sa_type=sa.Text)
+
+
+class ClassPolicy(SQLModel, table=True):
+    """A class's recompression policy (the `[policy]` table of its TOML), as JSON."""
+
+    __tablename__ = "class_policies"
+
+    class_name: str = Field(primary_key=True, foreign_key="device_classes.name", max_length=64)
+    policy_json: str = Field(default="{}", sa_type=sa.Text)
+    updated_at: dt.datetime = _when()
+
+
+class Recompression(SQLModel, table=True):
+    """One recompression of a class: why (trigger and evidence), the artifact built, the decision, the rollout.
+
+    `state` is building, pending (awaiting approval), rolling_out, done, rejected or failed.
+    """
+
+    __tablename__ = "recompressions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    class_name: str = Field(foreign_key="device_classes.name", index=True, max_length=64)
+    model_name: str = Field(max_length=128)
+    from_artifact_id: int = Field(foreign_key="artifacts.id")
+    trigger: str = Field(max_length=32)
+    summary: str = Field(default="", sa_type=sa.Text)
+    evidence_json: str = Field(default="{}", sa_type=sa.Text)
+    state: str = Field(max_length=16, index=True)
+    mode: str = Field(max_length=16)
+    artifact_id: int | None = Field(default=None, foreign_key="artifacts.id")
+    rollout_id: int | None = Field(default=None, foreign_key="rollouts.id")
+    report_json: str = Field(default="{}", sa_type=sa.Text)
+    decided_by: str | None = Field(default=None, max_length=128)
+    note: str | None = Field(default=None, sa_type=sa.Text)
+    created_at: dt.datetime = _when()
+    updated_at: dt.datetime = _when()
+    finished_at: dt.datetime | None = _when(nullable=True)

@@ -62,7 +62,7 @@ def test_the_pick_is_stored_signed_with_its_recipe(home: tuple[dict[str, str], P
     shown = json.loads(_ok(env, "artifact", "show", str(row["id"]), "--json"))
     text = json.dumps(shown)
     assert "quantize" in text  # the recipe travels with the artifact
-    assert "predicted_device_latency_p95_ms" in text
+    assert "predicted_p95_ms" in text
 
 
 def test_nothing_fits_stores_nothing_and_says_by_how_much(home: tuple[dict[str, str], Path, Path]) -> None:

@@ -1,0 +1,319 @@
+"""The closed loop: field telemetry triggers a recompression, a new artifact, and a gated rollout of it.
+
+`RecompressionLoop.step(now)` (from the controller's timer, like the rollout engine) checks every class that has a
+policy. A trigger is recorded with its evidence (and the audit log), the class profile's speed factor is updated
+when the field measured one, and a build is requested from the `builder` (the compression worker: re-plan for
+the updated profile, sign the result as the class's next artifact). With `mode = "auto"` the new artifact's
+rollout starts at once; with `"approve"` it waits for `edgefleet recompress approve ID`.
+
+Debounce: one open recompression per class at a time, none while a rollout to the class is live, and none within
+the policy's `cooldown_s` after the last one ended, so one problem yields one recompression.
+
+Example::
+
+    loop = RecompressionLoop(db, builder=my_worker)
+    loop.set_policy("rpi4", load_policy(Path("deploy/profiles/rpi4.toml")))
+    loop.step()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from edgefleet.controller.db import Database
+from edgefleet.controller.errors import ConflictError, ControllerError, NotFoundError
+from edgefleet.controller.recompress_policy import RecompressionPolicy, Trigger, detect
+from edgefleet.controller.registry import profile_of
+from edgefleet.controller.rollout_plan import GateConfig, RolloutState, WavePlan
+from edgefleet.controller.rollouts import Rollouts, class_current_version
+from edgefleet.controller.tables import (
+    Artifact,
+    AuditEntry,
+    ClassPolicy,
+    DeviceClass,
+    Recompression,
+    Rollout,
+    utcnow,
+)
+from edgefleet.protocols.profile import DeviceProfile
+
+__all__ = ["BuildRequest", "BuildResult", "Builder", "RecompressionLoop"]
+
+log = logging.getLogger(__name__)
+
+OPEN_STATES = ("building", "pending", "rolling_out")
+LIVE_ROLLOUTS = (RolloutState.PENDING.value, RolloutState.RUNNING.value, RolloutState.PAUSED.value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildRequest:
+    """What the compression worker gets: the class's (updated) profile, the model, why."""
+
+    recompression_id: int
+    class_name: str
+    model_name: str
+    profile: DeviceProfile
+    from_artifact_id: int
+    trigger: str
+    evidence: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildResult:
+    """The new artifact (already signed and recorded for the class) and the planner's report."""
+
+    artifact_id: int
+    report: dict[str, Any]
+
+
+Builder = Callable[[BuildRequest], BuildResult]
+
+
+class RecompressionLoop:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        builder: Builder | None = None,
+        actor: str = "controller",
+        plan: WavePlan | None = None,
+        gates: GateConfig | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.db = db
+        self.builder = builder
+        self.actor = actor
+        self.plan = plan or WavePlan()
+        self.gates = gates or GateConfig()
+        self.clock = clock
+
+    def _audit(self, session: Session, action: str, target: str, now: dt.datetime, **detail: Any) -> None:
+        session.add(
+            AuditEntry(
+                at=now, actor=self.actor, action=action, target=target, detail_json=json.dumps(detail, default=str)
+            )
+        )
+
+    # ------------------------------------------------------------------ policies
+    def set_policy(self, class_name: str, policy: RecompressionPolicy) -> None:
+        now = self.clock()
+        with self.db.transaction(f"setting the recompression policy of {class_name}") as session:
+            if session.get(DeviceClass, class_name) is None:
+                raise NotFoundError(f"device class {class_name!r} does not exist (see `edgefleet class list`)")
+            row = session.get(ClassPolicy, class_name) or ClassPolicy(class_name=class_name)
+            row.policy_json, row.updated_at = policy.model_dump_json(), now
+            session.add(row)
+            self._audit(session, "recompress.policy", class_name, now, policy=policy.model_dump())
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, now: dt.datetime | None = None) -> list[int]:
+        """Check every class with a policy, build what was triggered, follow rollouts; returns new recompressions."""
+        now = now or self.clock()
+        with self.db.reading("listing recompression policies") as session:
+            classes = list(session.exec(select(ClassPolicy.class_name)).all())
+        created = []
+        for class_name in classes:
+            try:
+                found = self._check(class_name, now)
+            except ControllerError as exc:
+                log.warning("recompression check of %s failed, retrying next step: %s", class_name, exc)
+                continue
+            if found is not None:
+                created.append(found)
+        self._build(now)
+        with self.db.reading("listing approved recompressions") as session:
+            waiting = session.exec(
+                select(Recompression.id).where(Recompression.state == "pending", Recompression.mode == "auto")
+            ).all()
+        for recompression_id in waiting:
+            if recompression_id is not None:
+                self._auto_approve(recompression_id)
+        self._follow(now)
+        return created
+
+    def _check(self, class_name: str, now: dt.datetime) -> int | None:
+        with self.db.transaction(f"checking class {class_name} for recompression") as session:
+            class_row = session.get(DeviceClass, class_name, with_for_update=True)
+            policy_row = session.get(ClassPolicy, class_name)
+            if class_row is None or policy_row is None or self._debounced(session, class_name, policy_row, now):
+                return None
+            version = class_current_version(session, class_name)
+            artifact = session.exec(
+                select(Artifact).where(Artifact.class_name == class_name, Artifact.version == version)
+            ).first()
+            if artifact is None or artifact.id is None:
+                return None
+            policy = RecompressionPolicy.model_validate_json(policy_row.policy_json)
+            trigger = detect(session, artifact=artifact, profile=profile_of(class_row), policy=policy, now=now)
+            if trigger is None:
+                return None
+            return self._record(session, class_row, artifact, trigger, policy=policy, now=now)
+
+    @staticmethod
+    def _debounced(session: Session, class_name: str, policy_row: ClassPolicy, now: dt.datetime) -> bool:
+        policy = RecompressionPolicy.model_validate_json(policy_row.policy_json)
+        recent = session.exec(
+            select(Recompression).where(Recompression.class_name == class_name).order_by(col(Recompression.id).desc())
+        ).first()
+        if recent is not None and (
+            recent.state in OPEN_STATES
+            or (recent.finished_at is not None and (now - recent.finished_at).total_seconds() < policy.cooldown_s)
+        ):
+            return True
+        live = session.exec(
+            select(Rollout.id).where(Rollout.class_name == class_name, col(Rollout.state).in_(LIVE_ROLLOUTS))
+        ).first()
+        return live is not None
+
+    def _record(
+        self,
+        session: Session,
+        class_row: DeviceClass,
+        artifact: Artifact,
+        trigger: Trigger,
+        *,
+        policy: RecompressionPolicy,
+        now: dt.datetime,
+    ) -> int:
+        row = Recompression(
+            class_name=class_row.name,
+            model_name=artifact.model_name,
+            from_artifact_id=artifact.id or 0,
+            trigger=trigger.kind,
+            summary=trigger.summary,
+            evidence_json=json.dumps(trigger.evidence, default=str),
+            state="building",
+            mode=policy.mode,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+        session.flush()
+        self._audit(session, "recompress.trigger", class_row.name, now, id=row.id, trigger=trigger.kind,
+                    summary=trigger.summary, evidence=trigger.evidence)  # fmt: skip
+        if trigger.observed_speed_factor is not None:
+            profile = profile_of(class_row)
+            updated = profile.model_copy(update={"speed_factor": round(trigger.observed_speed_factor, 3)})
+            class_row.profile_json = updated.model_dump_json()
+            session.add(class_row)
+            self._audit(session, "class.profile.update", class_row.name, now, speed_factor=updated.speed_factor,
+                        was=profile.speed_factor, recompression=row.id)  # fmt: skip
+        log.info("class %s: recompression %s triggered: %s", class_row.name, row.id, trigger.summary)
+        assert row.id is not None  # noqa: S101 - flushed
+        return row.id
+
+    def _build(self, now: dt.datetime) -> None:
+        with self.db.reading("listing recompressions to build") as session:
+            todo = list(session.exec(select(Recompression).where(Recompression.state == "building")).all())
+            requests = []
+            for row in todo:
+                class_row = session.get(DeviceClass, row.class_name)
+                if class_row is not None and row.id is not None:
+                    requests.append(
+                        BuildRequest(row.id, row.class_name, row.model_name, profile_of(class_row),
+                                     row.from_artifact_id, row.trigger, json.loads(row.evidence_json))
+                    )  # fmt: skip
+        for request in requests:
+            if self.builder is None:
+                self._finish(request.recompression_id, "failed", now, note="no compression worker is attached")
+                continue
+            try:
+                result = self.builder(request)
+            except Exception as exc:  # the worker runs torch: any failure ends this recompression, not the loop
+                log.exception("recompression %s: the build failed", request.recompression_id)
+                self._finish(request.recompression_id, "failed", now, note=f"build failed: {exc}")
+                continue
+            self._built(request.recompression_id, result, now)
+
+    def _built(self, recompression_id: int, result: BuildResult, now: dt.datetime) -> None:
+        with self.db.transaction(f"recording the build of recompression {recompression_id}") as session:
+            row = session.get(Recompression, recompression_id, with_for_update=True)
+            if row is None or row.state != "building":
+                return
+            row.artifact_id, row.report_json = result.artifact_id, json.dumps(result.report, default=str)
+            row.state, row.updated_at = "pending", now
+            session.add(row)
+            self._audit(session, "recompress.built", row.class_name, now, id=row.id, artifact=result.artifact_id)
+        if row.mode == "auto":
+            self._auto_approve(recompression_id)
+
+    def _auto_approve(self, recompression_id: int) -> None:
+        try:
+            self.approve(recompression_id, actor=f"{self.actor} (policy: auto)")
+        except ControllerError as exc:  # e.g. an operator's rollout to the class is live: retried next step
+            log.warning("recompression %s: cannot start its rollout yet: %s", recompression_id, exc)
+
+    def _follow(self, now: dt.datetime) -> None:
+        with self.db.transaction("following recompression rollouts") as session:
+            rows = session.exec(select(Recompression).where(Recompression.state == "rolling_out")).all()
+            for row in rows:
+                rollout = session.get(Rollout, row.rollout_id) if row.rollout_id is not None else None
+                if rollout is None or rollout.state in LIVE_ROLLOUTS:
+                    continue
+                row.state = "done" if rollout.state == RolloutState.COMPLETED else "failed"
+                row.note = f"rollout {rollout.id} {rollout.state}"
+                row.updated_at = row.finished_at = now
+                session.add(row)
+
+    def _finish(self, recompression_id: int, state: str, now: dt.datetime, *, note: str) -> None:
+        with self.db.transaction(f"ending recompression {recompression_id}") as session:
+            row = session.get(Recompression, recompression_id, with_for_update=True)
+            if row is None:
+                return
+            row.state, row.note, row.updated_at, row.finished_at = state, note, now, now
+            session.add(row)
+
+    # ------------------------------------------------------------------ operator decisions
+    def approve(self, recompression_id: int, *, actor: str | None = None) -> Recompression:
+        """Start the gated rollout of the new artifact."""
+        row = self.get(recompression_id)
+        if row.state != "pending" or row.artifact_id is None:
+            raise ConflictError(f"recompression {recompression_id} is {row.state}; only a pending one can be approved")
+        rollout = Rollouts(self.db, actor=actor or self.actor, clock=self.clock).start(
+            row.artifact_id, plan=self.plan, gates=self.gates, on_breach="abort"
+        )
+        now = self.clock()
+        with self.db.transaction(f"approving recompression {recompression_id}") as session:
+            stored = session.get(Recompression, recompression_id, with_for_update=True)
+            assert stored is not None  # noqa: S101 - read above
+            stored.state, stored.rollout_id, stored.decided_by, stored.updated_at = (
+                "rolling_out", rollout.id, actor or self.actor, now,
+            )  # fmt: skip
+            session.add(stored)
+            self._audit(session, "recompress.approve", stored.class_name, now, id=stored.id, rollout=rollout.id)
+        return stored
+
+    def reject(self, recompression_id: int, *, reason: str, actor: str | None = None) -> Recompression:
+        now = self.clock()
+        with self.db.transaction(f"rejecting recompression {recompression_id}") as session:
+            row = session.get(Recompression, recompression_id, with_for_update=True)
+            if row is None:
+                raise NotFoundError(
+                    f"recompression {recompression_id} does not exist (see `edgefleet recompress list`)"
+                )
+            if row.state not in {"building", "pending"}:
+                raise ConflictError(f"recompression {recompression_id} is {row.state}; it can no longer be rejected")
+            row.state, row.note, row.decided_by = "rejected", reason, actor or self.actor
+            row.updated_at = row.finished_at = now
+            session.add(row)
+            self._audit(session, "recompress.reject", row.class_name, now, id=row.id, reason=reason)
+        return row
+
+    def get(self, recompression_id: int) -> Recompression:
+        with self.db.reading(f"reading recompression {recompression_id}") as session:
+            row = session.get(Recompression, recompression_id)
+        if row is None:
+            raise NotFoundError(f"recompression {recompression_id} does not exist (see `edgefleet recompress list`)")
+        return row
+
+    def list(self, *, limit: int = 100) -> list[Recompression]:
+        with self.db.reading("listing recompressions") as session:
+            query = select(Recompression).order_by(col(Recompression.id).desc()).limit(limit)
+            return list(session.exec(query).all())

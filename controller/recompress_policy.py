@@ -1,0 +1,225 @@
+"""Recompression policies per class (the `[policy]` table of the class TOML) and the triggers they define.
+
+A trigger looks at the class's current model in the field: its p95 latency over the class budget for K
+consecutive telemetry windows, its accuracy on labelled samples below the floor, its deploys failing with out of
+memory or validation failures above a rate, and the speed factor measured in the field differing from the
+profile's by more than a tolerance. `detect` returns the first trigger that fires, with its evidence.
+
+Example class TOML::
+
+    [policy]
+    latency_windows = 3
+    max_oom_rate = 0.05
+    speed_factor_tolerance = 0.3
+    mode = "approve"        # or "auto": roll the new artifact out without asking
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlmodel import Session, col, select
+
+from edgefleet.controller.errors import ConfigError
+from edgefleet.controller.rollout_gates import p95_bound
+from edgefleet.controller.tables import Artifact, DeploymentJob, TelemetryRollup
+from edgefleet.protocols.profile import DeviceProfile
+from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS
+
+__all__ = ["RecompressionPolicy", "Trigger", "detect", "load_policy"]
+
+_NBUCKETS = len(LATENCY_BUCKETS_SECONDS) + 1
+MAX_POLICY_FILE_BYTES = 64 * 1024
+
+
+class RecompressionPolicy(BaseModel):
+    """When a class's model no longer fits, and what to do then."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_windows: Annotated[int, Field(ge=1, le=1000)] = 3
+    accuracy: bool = True
+    max_oom_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_validation_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.2
+    speed_factor_tolerance: Annotated[float | None, Field(gt=0, le=100)] = 0.3
+    min_samples: Annotated[int, Field(ge=1)] = 100
+    min_labelled: Annotated[int, Field(ge=1)] = 100
+    min_jobs: Annotated[int, Field(ge=1)] = 5
+    lookback_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 3600.0
+    cooldown_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 3600.0
+    mode: Literal["approve", "auto"] = "approve"
+
+
+def load_policy(path: Path) -> RecompressionPolicy:
+    """The `[policy]` table of a class TOML; errors name the file and the field."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if len(raw) > MAX_POLICY_FILE_BYTES:
+        raise ConfigError(f"{path}: {len(raw)} bytes, more than {MAX_POLICY_FILE_BYTES}")
+    try:
+        table = tomllib.loads(raw.decode("utf-8")).get("policy")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: no [policy] table")
+    try:
+        return RecompressionPolicy.model_validate(table)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: [policy] {problems}") from exc
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Trigger:
+    """Why the class needs a new model; `observed_speed_factor` updates the class profile when measured."""
+
+    kind: str
+    summary: str
+    evidence: dict[str, Any]
+    observed_speed_factor: float | None = None
+
+
+def _windows(
+    session: Session, class_name: str, version: int, since: dt.datetime
+) -> dict[dt.datetime, tuple[int, int, int, list[int]]]:
+    """Per rollup window: (inferences, labelled, correct, merged latency counts) of the class on that version."""
+    rows = session.exec(
+        select(TelemetryRollup).where(
+            TelemetryRollup.class_name == class_name,
+            TelemetryRollup.model_version == version,
+            col(TelemetryRollup.window_start) >= since,
+        )
+    ).all()
+    sums: dict[dt.datetime, list[Any]] = defaultdict(lambda: [0, 0, 0, [0] * _NBUCKETS])
+    for row in rows:
+        acc = sums[row.window_start]
+        acc[0] += row.inferences
+        acc[1] += row.labelled
+        acc[2] += row.correct
+        counts = json.loads(row.latency_counts_json) if row.latency_counts_json not in {"", "[]"} else []
+        if len(counts) == _NBUCKETS:
+            acc[3] = [a + int(b) for a, b in zip(acc[3], counts, strict=True)]
+    return {w: (a[0], a[1], a[2], a[3]) for w, a in sums.items()}
+
+
+def detect(
+    session: Session,
+    *,
+    artifact: Artifact,
+    profile: DeviceProfile,
+    policy: RecompressionPolicy,
+    now: dt.datetime,
+) -> Trigger | None:
+    """The first trigger that fires for the class's current artifact, or None."""
+    since = now - dt.timedelta(seconds=policy.lookback_s)
+    windows = _windows(session, artifact.class_name, artifact.version, since)
+    for check in (_latency, _speed_factor, _accuracy):
+        found = check(windows, artifact=artifact, profile=profile, policy=policy)
+        if found is not None:
+            return found
+    return _job_failures(session, artifact=artifact, policy=policy, since=since)
+
+
+def _latency(windows: dict[dt.datetime, Any], **kw: Any) -> Trigger | None:
+    profile: DeviceProfile = kw["profile"]
+    policy: RecompressionPolicy = kw["policy"]
+    judged = [(w, p95_bound(v[3])) for w, v in sorted(windows.items()) if v[0] >= policy.min_samples]
+    last = judged[-policy.latency_windows :]
+    budget = profile.latency_budget_ms / 1000
+    if len(last) < policy.latency_windows or not all(p95 > budget for _, p95 in last):
+        return None
+    values = [p95 for _, p95 in last]
+    return Trigger(
+        "latency",
+        f"p95 {values[-1] * 1000:g} ms over the {profile.latency_budget_ms:g} ms budget for {len(last)} windows",
+        {"p95_s": values, "budget_s": budget, "windows": [w.isoformat() for w, _ in last]},
+        observed_speed_factor=_observed_factor(windows, **kw),
+    )
+
+
+def _observed_factor(windows: dict[dt.datetime, Any], **kw: Any) -> float | None:
+    """Field p95 / the p95 the artifact was predicted to have on the device, times the profile's factor."""
+    artifact: Artifact = kw["artifact"]
+    profile: DeviceProfile = kw["profile"]
+    metrics = json.loads(artifact.metrics_json or "{}")
+    predicted_ms = metrics.get("predicted_p95_ms")
+    if not isinstance(predicted_ms, int | float) or predicted_ms <= 0:
+        return None
+    counts = [0] * _NBUCKETS
+    for v in windows.values():
+        counts = [a + b for a, b in zip(counts, v[3], strict=True)]
+    if sum(counts) == 0:
+        return None
+    return float(profile.speed_factor * p95_bound(counts) * 1000 / predicted_ms)
+
+
+def _speed_factor(windows: dict[dt.datetime, Any], **kw: Any) -> Trigger | None:
+    profile: DeviceProfile = kw["profile"]
+    policy: RecompressionPolicy = kw["policy"]
+    if policy.speed_factor_tolerance is None or sum(v[0] for v in windows.values()) < policy.min_samples:
+        return None
+    observed = _observed_factor(windows, **kw)
+    if observed is None or abs(observed / profile.speed_factor - 1) <= policy.speed_factor_tolerance:
+        return None
+    return Trigger(
+        "speed_factor",
+        f"devices run {observed:.2g}x slower than the host, the profile says {profile.speed_factor:g}x",
+        {"observed": observed, "profile": profile.speed_factor, "tolerance": policy.speed_factor_tolerance},
+        observed_speed_factor=observed,
+    )
+
+
+def _accuracy(windows: dict[dt.datetime, Any], **kw: Any) -> Trigger | None:
+    profile: DeviceProfile = kw["profile"]
+    policy: RecompressionPolicy = kw["policy"]
+    artifact: Artifact = kw["artifact"]
+    labelled = sum(v[1] for v in windows.values())
+    if not policy.accuracy or labelled < policy.min_labelled:
+        return None
+    measured = json.loads(artifact.metrics_json or "{}").get("accuracy")
+    floors = [profile.accuracy_floor] if profile.accuracy_floor is not None else []
+    if isinstance(measured, int | float):
+        floors.append(float(measured) - (profile.max_accuracy_drop or 0.0))
+    if not floors:
+        return None
+    accuracy = sum(v[2] for v in windows.values()) / labelled
+    if accuracy >= max(floors):
+        return None
+    return Trigger(
+        "accuracy",
+        f"accuracy {accuracy:.3f} below the floor {max(floors):.3f}",
+        {"accuracy": accuracy, "floor": max(floors), "labelled": labelled},
+    )
+
+
+def _job_failures(
+    session: Session, *, artifact: Artifact, policy: RecompressionPolicy, since: dt.datetime
+) -> Trigger | None:
+    jobs = session.exec(
+        select(DeploymentJob.result_code).where(
+            DeploymentJob.artifact_id == artifact.id,
+            col(DeploymentJob.finished_at).is_not(None),
+            col(DeploymentJob.finished_at) >= since,
+        )
+    ).all()
+    if len(jobs) < policy.min_jobs:
+        return None
+    for code, limit in (
+        ("out_of_memory", policy.max_oom_rate),
+        ("validation_failed", policy.max_validation_failure_rate),
+    ):
+        rate = sum(1 for c in jobs if c == code) / len(jobs)
+        if rate > limit:
+            return Trigger(
+                code, f"{rate:.0%} of deploys end in {code}", {"rate": rate, "limit": limit, "jobs": len(jobs)}
+            )
+    return None

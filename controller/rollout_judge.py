@@ -1,0 +1,168 @@
+"""Judging a running rollout's gates and acting on a breach (pause, or abort with rollbacks), in one transaction.
+
+The verdicts are stored in `rollouts.gate_results_json` (what `rollout status` and the metrics show). A gate still
+waiting for evidence `data_wait_s` after the current wave finished counts as breached: a model whose devices report
+nothing is not known to be healthy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+
+from sqlmodel import Session, select
+
+from edgefleet.controller.registry import profile_of
+from edgefleet.controller.rollout_gates import (
+    BREACH,
+    PASS,
+    WAITING,
+    GateResult,
+    Outcomes,
+    accuracy_of_version,
+    accuracy_threshold,
+    collect_evidence,
+    judge,
+)
+from edgefleet.controller.rollout_plan import DONE_ROW_STATES, GateConfig, RolloutState, RowState
+from edgefleet.controller.rollouts import abort_in_session, audit
+from edgefleet.controller.tables import Artifact, DeviceClass, Rollout, RolloutDevice
+
+__all__ = ["judge_rollout"]
+
+BASELINE_WINDOW = dt.timedelta(hours=24)
+_TELEMETRY_GATES = frozenset({"accuracy", "latency_p95", "error_rate"})
+_FAILED_ROWS = frozenset({RowState.FAILED, RowState.TIMED_OUT, RowState.ROLLED_BACK})
+
+
+def judge_rollout(session: Session, rollout_id: int, *, now: dt.datetime, actor: str) -> bool:
+    """Judge the gates of a running rollout; True when one breached (the rollout is now paused or aborted)."""
+    rollout = session.get(Rollout, rollout_id, with_for_update=True)
+    if rollout is None or rollout.state != RolloutState.RUNNING or rollout.current_wave < 0:
+        return False
+    artifact = session.get(Artifact, rollout.artifact_id)
+    class_row = session.get(DeviceClass, rollout.class_name)
+    assert artifact is not None  # noqa: S101 - a foreign key
+    assert class_row is not None  # noqa: S101 - a foreign key
+    results, source = _verdicts(session, rollout, artifact, class_row, now=now)
+    document = json.dumps(
+        {"gates": [r.to_json() for r in results], "accuracy_floor_source": source, "wave": rollout.current_wave}
+    )
+    if document != rollout.gate_results_json:
+        rollout.gate_results_json = document
+        session.add(rollout)
+    breached = [r for r in results if r.status == BREACH]
+    if not breached:
+        return False
+    detail = {
+        "gates": [r.to_json() for r in breached],
+        "wave": rollout.current_wave,
+        "action": rollout.on_breach,
+        "at": now.isoformat(),
+    }
+    rollout.breach_json = json.dumps(detail)
+    rollout.updated_at = now
+    reason = "gate breached: " + ", ".join(r.name for r in breached)
+    if rollout.on_breach == "abort":
+        abort_in_session(session, rollout, now=now, actor=actor, reason=reason)
+    else:
+        rollout.state = RolloutState.PAUSED.value
+        session.add(rollout)
+        audit(session, actor=actor, action="rollout.pause", rollout=rollout, now=now, reason=reason, breach=detail)
+    return True
+
+
+def _verdicts(
+    session: Session, rollout: Rollout, artifact: Artifact, class_row: DeviceClass, *, now: dt.datetime
+) -> tuple[list[GateResult], str]:
+    gates = GateConfig.model_validate_json(rollout.gates_json)
+    rows = list(session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all())
+    outcomes = Outcomes(
+        assigned=len(rows),
+        done=sum(1 for r in rows if r.state in DONE_ROW_STATES),
+        failed=sum(1 for r in rows if r.state in _FAILED_ROWS),
+        active_devices=sum(1 for r in rows if r.state == RowState.ACTIVE),
+    )
+    since = now - dt.timedelta(seconds=gates.window_s)
+    if rollout.judge_since is not None:
+        since = max(since, rollout.judge_since)
+    evidence = collect_evidence(
+        session,
+        device_ids=[r.device_id for r in rows],
+        version=artifact.version,
+        class_name=rollout.class_name,
+        since=since,
+    )
+    previous = None
+    if rollout.previous_version is not None and rollout.previous_version != artifact.version:
+        previous = accuracy_of_version(
+            session,
+            class_name=rollout.class_name,
+            version=rollout.previous_version,
+            since=now - BASELINE_WINDOW,
+            min_labelled=gates.min_labelled,
+        )
+    measured = json.loads(artifact.metrics_json or "{}").get("accuracy")
+    profile = profile_of(class_row)
+    floor, source = accuracy_threshold(
+        gates,
+        profile,
+        previous_accuracy=previous,
+        artifact_accuracy=float(measured) if isinstance(measured, int | float) else None,
+    )
+    results = judge(
+        gates,
+        evidence=evidence,
+        outcomes=outcomes,
+        latency_budget_s=profile.latency_budget_ms / 1000,
+        accuracy_floor=floor,
+    )
+    results = _await_wave(session, results, rollout, rows, gates=gates, artifact=artifact, since=since)
+    return _starved(results, rollout, rows, gates, now=now), source
+
+
+def _await_wave(
+    session: Session,
+    results: list[GateResult],
+    rollout: Rollout,
+    rows: list[RolloutDevice],
+    *,
+    gates: GateConfig,
+    artifact: Artifact,
+    since: dt.datetime,
+) -> list[GateResult]:
+    """Telemetry gates pass a wave only once enough of that wave's own devices have reported."""
+    active = [r.device_id for r in rows if r.wave == rollout.current_wave and r.state == RowState.ACTIVE]
+    needed = min(gates.min_devices, len(active))
+    if needed == 0:
+        return results
+    wave = collect_evidence(
+        session, device_ids=active, version=artifact.version, class_name=rollout.class_name, since=since
+    )
+    if wave.devices >= needed:
+        return results
+    detail = f"waiting for telemetry from {needed} device(s) of wave {rollout.current_wave} ({wave.devices} so far)"
+    return [
+        dataclasses.replace(r, status=WAITING, detail=detail) if r.status == PASS and r.name in _TELEMETRY_GATES else r
+        for r in results
+    ]
+
+
+def _starved(
+    results: list[GateResult], rollout: Rollout, rows: list[RolloutDevice], gates: GateConfig, *, now: dt.datetime
+) -> list[GateResult]:
+    """Gates still waiting `data_wait_s` after the current wave finished are breached."""
+    wave = [r for r in rows if r.wave == rollout.current_wave]
+    if not wave or any(r.state not in DONE_ROW_STATES for r in wave):
+        return results
+    finished = max((r.finished_at for r in wave if r.finished_at is not None), default=now)
+    reference = max(finished, rollout.judge_since or finished)
+    if (now - reference).total_seconds() <= gates.data_wait_s:
+        return results
+    return [
+        dataclasses.replace(r, status=BREACH, detail=f"no evidence within {gates.data_wait_s:g}s: {r.detail}")
+        if r.status == WAITING
+        else r
+        for r in results
+    ]

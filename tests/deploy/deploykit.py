@@ -2,8 +2,8 @@
 
 The expressions are what an operator sees: a panel or an alert whose query returns nothing is a broken panel or an
 alert that never fires. `PENDING_METRICS` names the metrics that docs/operations.md defines as a contract for code
-not written yet (rollouts with gates, recompression, class budgets); an expression may come back empty only when it
-needs one of them and the controller does not export it yet. Once a metric appears, its expressions must return data.
+not written yet (artifact accuracy floors); an expression may come back empty only when it needs one of them and the
+controller does not export it yet. Once a metric appears, its expressions must return data.
 """
 
 from __future__ import annotations
@@ -31,17 +31,7 @@ DATASOURCE_UID = "edgefleet-prometheus"
 
 # Metric -> why it has no data yet. docs/operations.md ("Metrics contract") defines each one.
 PENDING_METRICS: dict[str, str] = {
-    "edgefleet_rollout_state": "rollouts with gates are issue 7",
-    "edgefleet_rollout_wave_index": "rollouts with gates are issue 7",
-    "edgefleet_rollout_wave_count": "rollouts with gates are issue 7",
-    "edgefleet_rollout_devices": "rollouts with gates are issue 7",
-    "edgefleet_rollout_gate_value": "rollouts with gates are issue 7",
-    "edgefleet_rollout_gate_threshold": "rollouts with gates are issue 7",
-    "edgefleet_rollout_gate_breached": "rollouts with gates are issue 7",
-    "edgefleet_recompression_pending": "the recompression loop is issue 7",
-    "edgefleet_class_latency_budget_seconds": "the controller does not export class budgets yet",
     "edgefleet_accuracy_floor_ratio": "the controller does not export artifact accuracy floors yet",
-    "edgefleet_commands_published_total": "the serving controller publishes no command yet (deploys run in the CLI)",
 }
 
 # Grafana's variables, replaced the way Grafana would with "All" selected and a 1 s scrape interval.

@@ -2,8 +2,10 @@
 
 `PrometheusProcess` runs Debian's `prometheus` binary with a temporary storage directory, stops it by its own PID
 and kills it if it does not stop. `ScriptedFleet` registers devices through the `edgefleet` CLI, starts a
-`ControllerApp` (metrics endpoint on a free port) and publishes births, telemetry, statuses, garbage and a block
-request with paho, the way devices do.
+`ControllerApp` (metrics endpoint on a free port, its rollout engine ticking) and publishes births, telemetry,
+statuses, garbage and a block request with paho, the way devices do. It also gets a recompression proposal waiting
+for approval (through `RecompressionLoop`, with a builder that records the next artifact) and a gated rollout whose
+canary reports the new version with a latency, accuracy and error rate that breach its gates, so it pauses.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from typer.testing import CliRunner
 from edgefleet.controller.app import ControllerApp
 from edgefleet.controller.cli import app as cli_app
 from edgefleet.controller.config import load_settings
+from edgefleet.controller.recompress import BuildRequest, BuildResult, RecompressionLoop
+from edgefleet.controller.recompress_policy import RecompressionPolicy
 from edgefleet.protocols.blocks import Bitmap, BlockRequest
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.messages import Birth, Capabilities, DeviceState, RunningModel, SlotState, Status
@@ -178,7 +182,9 @@ def birth(device_class: str, fleet: str, when: dt.datetime) -> bytes:
     )
 
 
-def telemetry(seq: int, *, latencies: tuple[float, ...], labelled: int, correct: int, errors: int) -> bytes:
+def telemetry(
+    seq: int, *, latencies: tuple[float, ...], labelled: int, correct: int, errors: int, version: int = 1
+) -> bytes:
     counts = [0] * (len(LATENCY_BUCKETS_SECONDS) + 1)
     for value in latencies:
         counts[bucket_index(value)] += 1
@@ -190,7 +196,7 @@ def telemetry(seq: int, *, latencies: tuple[float, ...], labelled: int, correct:
             "window_start": end - dt.timedelta(seconds=1),
             "window_end": end,
             "model_name": "tiny",
-            "model_version": 1,
+            "model_version": version,
             "inference_count": len(latencies),
             "latency_counts": tuple(counts),
             "latency_sum_seconds": sum(latencies),
@@ -223,6 +229,8 @@ class ScriptedFleet:
         self._thread: threading.Thread | None = None
         self.artifact_sha256 = ""
         self.offline: set[str] = set()
+        self.versions: dict[str, int] = {}  # model version a device reports in its telemetry (default 1)
+        self.rollout_id = 0
 
     def cli(self, *args: str) -> str:
         result = CliRunner().invoke(cli_app, list(args), env=self.env, catch_exceptions=False)
@@ -237,11 +245,12 @@ class ScriptedFleet:
         self.cli("device", "register", "--class", "x86-gateway", *(a for d in GATEWAYS for a in ("--id", d)))
         self.cli("model", "add", "tiny", "--onnx", str(tiny_onnx(self.workdir / "tiny.onnx")))
         self.artifact_sha256 = json.loads(self.cli("artifact", "add", "tiny", "--class", "rpi4", "--json"))["sha256"]
+        self.cli("artifact", "add", "tiny", "--class", "rpi4")  # version 2: what the rollout sends
 
     def start(self) -> str:
         """Start the controller; returns its metrics target host:port."""
         settings = dataclasses.replace(load_settings(env=self.env), metrics_port=listen_port(), flush_interval_s=0.2)
-        self.app = ControllerApp(settings)
+        self.app = ControllerApp(settings, rollout_interval_s=0.5)
         self.app.start()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"devices-{self.fleet}", protocol=MQTTProtocolVersion.MQTTv5
@@ -273,7 +282,10 @@ class ScriptedFleet:
         seq = 0
         while not self._stop.is_set():
             for device in RPI:
-                payload = telemetry(seq, latencies=(0.0012, 0.0018, 0.004), labelled=3, correct=2, errors=1)
+                version = self.versions.get(device, 1)
+                payload = telemetry(
+                    seq, latencies=(0.0012, 0.0018, 0.004), labelled=3, correct=2, errors=1, version=version
+                )
                 self.publish(telemetry_topic(self.fleet, device), payload)
             for device in (d for d in GATEWAYS if d not in self.offline):
                 payload = telemetry(seq, latencies=(0.0004, 0.0006), labelled=2, correct=2, errors=0)
@@ -281,6 +293,45 @@ class ScriptedFleet:
             self.publish(telemetry_topic(self.fleet, RPI[1]), b"{not telemetry")
             seq += 1
             self._stop.wait(0.25)
+
+    def propose_recompression(self, *, timeout: float) -> int:
+        """Run the recompression loop until the rpi4 class's slow p95 triggers a proposal; returns its id.
+
+        The builder stands in for the compression worker: it records the class's next artifact with the CLI. The
+        policy asks for approval, so the proposal stays pending (`edgefleet_recompression_pending`).
+        """
+        assert self.app is not None
+        loop = RecompressionLoop(self.app.db, builder=self._build)
+        policy = RecompressionPolicy(latency_windows=1, min_samples=10, accuracy=False, mode="approve")
+        loop.set_policy("rpi4", policy)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            created = loop.step()
+            if created:
+                row = loop.get(created[0])
+                assert row.state == "pending", f"recompression {row.id} is {row.state}: {row.note}"
+                return created[0]
+            time.sleep(0.3)
+        raise AssertionError(f"no recompression was triggered within {timeout}s")
+
+    def _build(self, request: BuildRequest) -> BuildResult:
+        added = json.loads(self.cli("artifact", "add", request.model_name, "--class", request.class_name, "--json"))
+        return BuildResult(artifact_id=int(added["id"]), report={"trigger": request.trigger})
+
+    def start_rollout(self) -> int:
+        """Roll version 2 out to rpi4 with a one-device canary; the canary reports v2 telemetry that breaches."""
+        started = self.cli(
+            "rollout", "start", "rpi4:2", "--canary", "1", "--window", "60", "--min-devices", "1",
+            "--min-samples", "20", "--min-labelled", "10", "--accuracy-floor", "0.9", "--json",
+        )  # fmt: skip
+        view = json.loads(started)
+        self.rollout_id = int(view["id"])
+        # The canary is the first online device by id; it "took" the update and reports the new version.
+        self.versions[RPI[0]] = 2
+        return self.rollout_id
+
+    def rollout_state(self) -> str:
+        return str(json.loads(self.cli("rollout", "status", str(self.rollout_id), "--json"))["state"])
 
     def drop_gateways(self) -> None:
         now = dt.datetime.now(dt.UTC)

@@ -1,11 +1,13 @@
 """Every PromQL expression of the rules and dashboards, run by a real Prometheus scraping a real controller.
 
 A scripted fleet (births, telemetry with latencies, labels and errors, one garbage batch in five, a block request,
-a deploy job, then 4 of 5 gateways going offline) feeds a `ControllerApp` over a real broker; Prometheus scrapes it
-every second, with a second target that is down (a dead replica), and evaluates the shipped rules every second.
-Each expression must return at least one finite sample, so the triggered alerts (devices offline en masse,
-telemetry rejects rising, controller down) must fire their conditions. Expressions that need a metric of the
-contract not exported yet (deploykit.PENDING_METRICS) are skipped, naming the metric and why.
+a deploy job, a recompression proposal waiting for approval, a gated rollout whose canary breaches its gates, then 4
+of 5 gateways going offline) feeds a `ControllerApp` over a real broker; Prometheus scrapes it every second, with a
+second target that is down (a dead replica), and evaluates the shipped rules every second. Each expression must
+return at least one finite sample, so the triggered alerts (rollout paused by a gate, class over its latency budget,
+recompression pending, devices offline en masse, telemetry rejects rising, controller down) must fire their
+conditions. Expressions that need a metric of the contract not exported yet (deploykit.PENDING_METRICS) are
+skipped, naming the metric and why.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def live(mqtt_broker: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         target = fleet.start()
         fleet.births()
         fleet.start_streaming()
+        fleet.propose_recompression(timeout=15)
+        fleet.start_rollout()
         dead_replica = f"127.0.0.1:{listen_port()}"
         prometheus = PrometheusProcess(binary, workdir / "prometheus", rules=RULES, targets=[target, dead_replica])
         prometheus.start()
@@ -79,6 +83,11 @@ def test_expression_returns_data(live: Live, expression: Expression) -> None:
         time.sleep(0.5)
         result = live.prometheus.query(expression.expr)
     assert finite(result), f"{expression.where}: {expression.expr!r} returned no finite sample: {result}"
+
+
+def test_the_rollout_paused_on_its_gates(live: Live) -> None:
+    """What `edgefleet rollout status` shows for the scripted rollout: its canary breached, so it paused."""
+    assert wait_for(lambda: live.fleet.rollout_state() == "paused", timeout=max(1.0, live.deadline - time.monotonic()))
 
 
 def test_the_scrape_carries_no_device_ids(live: Live) -> None:

@@ -19,8 +19,11 @@ from deploykit import (
     tool,
 )
 from prometheus_client import CollectorRegistry
+from sqlmodel import SQLModel
 
+from edgefleet.controller.db import Database
 from edgefleet.controller.metrics import ControllerMetrics
+from edgefleet.controller.rollout_metrics import RolloutCollector
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS, TelemetryBatch
 
 # Series Prometheus makes itself for every target.
@@ -126,7 +129,15 @@ def exported_names() -> set[str]:
     metrics.rejected("telemetry", "decode")
     metrics.bytes_served("rpi4", 10)
     metrics.commands.labels("deploy").inc()
-    return {sample.name for family in registry.collect() for sample in family.samples}
+    names = {sample.name for family in registry.collect() for sample in family.samples}
+    # The rollout gauges are read from the registry database at scrape time: their families, even when empty.
+    db = Database.open("sqlite://")
+    try:
+        SQLModel.metadata.create_all(db.engine)
+        names |= {family.name for family in RolloutCollector(db).collect()}
+    finally:
+        db.dispose()
+    return names
 
 
 def test_every_metric_used_is_exported_or_part_of_the_contract() -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from edgefleet.controller.cli_sources import ExampleName, fail, load_model_source
+from edgefleet.controller.cli_sources import DataOpt, ExampleOpt, ModelOpt, OnnxOpt, fail, load_model_source
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -71,14 +71,10 @@ def _print_report(report: CompressionReport, console: Console) -> None:
 @compress_app.command("run")
 def run(
     *,
-    example: Annotated[ExampleName | None, typer.Option(help="a shipped example (trained first, < 1 min)")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="your model: 'package.module:factory' or a torch.export .pt2 file")
-    ] = None,
-    onnx_file: Annotated[
-        Path | None, typer.Option("--onnx", help="your ONNX model (only quantize/fp16 passes apply)")
-    ] = None,
-    data: Annotated[Path | None, typer.Option(help=".npz with x_train, y_train, x_val, y_val")] = None,
+    example: ExampleOpt = None,
+    model: ModelOpt = None,
+    onnx_file: OnnxOpt = None,
+    data: DataOpt = None,
     recipe: Annotated[Path | None, typer.Option(help="recipe TOML (default: the shipped full chain)")] = None,
     out: Annotated[Path, typer.Option(help="where to write the compressed ONNX model")] = Path("model.onnx"),
     report: Annotated[

@@ -10,13 +10,12 @@ travel in the manifest).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from edgefleet.controller.cli_common import open_registry, settings_of
-from edgefleet.controller.cli_sources import ExampleName, fail, load_model_source
+from edgefleet.controller.cli_sources import DataOpt, ExampleOpt, ModelOpt, OnnxOpt, fail, load_model_source
 
 __all__ = ["compress_for_class"]
 
@@ -25,10 +24,10 @@ def compress_for_class(  # noqa: PLR0917 - typer passes options by position
     ctx: typer.Context,
     model_name: Annotated[str, typer.Argument(help="a model added with `edgefleet model add`")],
     class_name: Annotated[str, typer.Option("--class", help="the registered device class to plan for")],
-    example: Annotated[ExampleName | None, typer.Option(help="a shipped example (trained first)")] = None,
-    model: Annotated[str | None, typer.Option(help="'package.module:factory' or a torch.export .pt2 file")] = None,
-    onnx_file: Annotated[Path | None, typer.Option("--onnx", help="an ONNX model (quantize/fp16 only)")] = None,
-    data: Annotated[Path | None, typer.Option(help=".npz with x_train, y_train, x_val, y_val")] = None,
+    example: ExampleOpt = None,
+    model: ModelOpt = None,
+    onnx_file: OnnxOpt = None,
+    data: DataOpt = None,
     time_budget: Annotated[float | None, typer.Option(min=1, help="seconds; best fit so far when they run out")] = None,
     train_epochs: Annotated[int | None, typer.Option(min=1, max=1000, help="epochs to train the example")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the stored artifact as JSON")] = False,

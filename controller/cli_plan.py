@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from edgefleet.controller.cli_sources import ExampleName, fail, load_model_source
+from edgefleet.controller.cli_sources import DataOpt, ExampleOpt, ModelOpt, OnnxOpt, fail, load_model_source
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -154,14 +154,10 @@ def run_plan(
 def plan(
     *,
     profile: Annotated[Path, typer.Option(help="device profile TOML (see deploy/profiles)")],
-    example: Annotated[ExampleName | None, typer.Option(help="a shipped example (trained first)")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="your model: 'package.module:factory' or a torch.export .pt2 file")
-    ] = None,
-    onnx_file: Annotated[
-        Path | None, typer.Option("--onnx", help="your ONNX model (only quantize/fp16 passes apply)")
-    ] = None,
-    data: Annotated[Path | None, typer.Option(help=".npz with x_train, y_train, x_val, y_val")] = None,
+    example: ExampleOpt = None,
+    model: ModelOpt = None,
+    onnx_file: OnnxOpt = None,
+    data: DataOpt = None,
     out: Annotated[Path | None, typer.Option(help="write the chosen ONNX model here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write the Pareto front PNG here (default: next to --out)")] = None,
     time_budget: Annotated[

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,12 +17,19 @@ if TYPE_CHECKING:
 
     from edgefleet.compression.task import Task
 
-__all__ = ["ExampleName", "fail", "load_model_source"]
+__all__ = ["DataOpt", "ExampleName", "ExampleOpt", "ModelOpt", "OnnxOpt", "fail", "load_model_source"]
 
 
 class ExampleName(StrEnum):
     digits = "digits"
     vibration = "vibration"
+
+
+# The source options, shared by every command that takes a model.
+ExampleOpt = Annotated[ExampleName | None, typer.Option(help="a shipped example (trained first, < 1 min)")]
+ModelOpt = Annotated[str | None, typer.Option(help="your model: 'package.module:factory' or a torch.export .pt2 file")]
+OnnxOpt = Annotated[Path | None, typer.Option("--onnx", help="your ONNX model (only quantize/fp16 passes apply)")]
+DataOpt = Annotated[Path | None, typer.Option(help=".npz with x_train, y_train, x_val, y_val")]
 
 
 def fail(message: str) -> typer.Exit:

@@ -26,9 +26,11 @@ from sqlmodel import col, or_, select
 
 from edgefleet.controller.db import Database
 from edgefleet.controller.registry import profile_of
-from edgefleet.controller.rollout_plan import RolloutState, RowState
+from edgefleet.controller.rollout_gates import accuracy_threshold
+from edgefleet.controller.rollout_plan import GateConfig, RolloutState, RowState
 from edgefleet.controller.rollout_status import wave_label
 from edgefleet.controller.tables import Artifact, DeviceClass, Recompression, Rollout, RolloutDevice, utcnow
+from edgefleet.protocols.profile import DeviceProfile
 
 __all__ = ["RolloutCollector", "outcome_of"]
 
@@ -97,6 +99,11 @@ class RolloutCollector(Collector):
                 "The class profile's p95 latency budget.",
                 labels=("device_class",),
             ),
+            "floor": GaugeMetricFamily(
+                "edgefleet_accuracy_floor_ratio",
+                "The accuracy an artifact must hold in the field (the accuracy gate's floor without a rollout option).",
+                labels=("device_class", "model", "model_version"),
+            ),
         }
         try:
             self._fill(families)
@@ -117,10 +124,29 @@ class RolloutCollector(Collector):
             pending = Counter(
                 (r.class_name, r.model_name) for r in session.exec(select(Recompression)).all() if r.state == "pending"
             )
-            for row in session.exec(select(DeviceClass)).all():
-                f["budget"].add_metric([row.name], profile_of(row).latency_budget_ms / 1000)
+            profiles = {row.name: profile_of(row) for row in session.exec(select(DeviceClass)).all()}
+            for name, profile in profiles.items():
+                f["budget"].add_metric([name], profile.latency_budget_ms / 1000)
+            self._floors(f["floor"], session.exec(select(Artifact)).all(), profiles)
             for (class_name, model), n in sorted(pending.items()):
                 f["recompression"].add_metric([class_name, model], n)
+
+    @staticmethod
+    def _floors(family: GaugeMetricFamily, artifacts: Iterable[Artifact], profiles: dict[str, DeviceProfile]) -> None:
+        """Per artifact, the floor the gates use: the class floor, or the measured accuracy less the allowed drop."""
+        for artifact in artifacts:
+            profile = profiles.get(artifact.class_name)
+            if profile is None:
+                continue
+            measured = json.loads(artifact.metrics_json or "{}").get("accuracy")
+            floor, _ = accuracy_threshold(
+                GateConfig(),
+                profile,
+                previous_accuracy=None,
+                artifact_accuracy=float(measured) if isinstance(measured, int | float) else None,
+            )
+            if floor is not None:
+                family.add_metric([artifact.class_name, artifact.model_name, str(artifact.version)], floor)
 
     @staticmethod
     def _rollout(

@@ -30,9 +30,7 @@ OPERATIONS = REPO / "docs" / "operations.md"
 DATASOURCE_UID = "edgefleet-prometheus"
 
 # Metric -> why it has no data yet. docs/operations.md ("Metrics contract") defines each one.
-PENDING_METRICS: dict[str, str] = {
-    "edgefleet_accuracy_floor_ratio": "the controller does not export artifact accuracy floors yet",
-}
+PENDING_METRICS: dict[str, str] = {}
 
 # Grafana's variables, replaced the way Grafana would with "All" selected and a 1 s scrape interval.
 GRAFANA_VARIABLES = {

@@ -25,16 +25,22 @@ INTERRUPTED = 130
 
 @contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM stops the demo the way Ctrl-C does (everything it started is stopped on the way out)."""
+    """SIGTERM and SIGINT stop the demo the way Ctrl-C does (everything it started is stopped on the way out).
+
+    SIGINT gets Python's own handler back explicitly: a process started in the background by a non-interactive shell
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt, so Ctrl-C-style stops would be lost.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _root_flags(ctx: typer.Context) -> dict[str, Any]:

@@ -45,8 +45,9 @@ def test_storage_bound_plan_on_a_tiny_torch_model(tiny: Tiny, tmp_path: Path) ->
 def test_latency_bound_plan_uses_structural_passes(tiny: Tiny) -> None:
     fp32 = plan(tiny.model, tiny.task, make_profile(), options=FAST).fp32
     assert fp32 is not None
-    # fp32 misses the latency budget 1.5x; no int8 dot-product, so int8 does not count as a latency fix
-    budget = fp32.predicted_latency_ms / 1.5
+    # fp32 misses the latency budget 4x (a margin no timing noise on a shared host closes); no int8 dot-product,
+    # so int8 does not count as a latency fix
+    budget = fp32.predicted_latency_ms / 4
     result = plan(tiny.model, tiny.task, make_profile(latency_budget_ms=budget, int8_dot_product=False), options=FAST)
     assert result.analysis is not None
     assert result.analysis.violated == [Constraint.LATENCY]

@@ -10,6 +10,7 @@ The MQTT broker, in order of preference:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from edgefleet.controller.mosquitto import BrokerError, ManagedMosquitto, find_mosquitto, port_answers
+
+# Helper modules shared by several test folders (e.g. waiting.py) live in tests/ itself; there is no package.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 POSTGRES_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

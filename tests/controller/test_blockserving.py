@@ -7,12 +7,12 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from waiting import wait_for
 
 from edgefleet.controller.app import ControllerApp
 from edgefleet.controller.config import load_settings
@@ -22,15 +22,6 @@ from edgefleet.protocols.codec import encode
 from edgefleet.protocols.topics import artifact_blocks_topic, block_request_topic
 
 pytestmark = pytest.mark.mqtt
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def _device(host: str, port: int, client_id: str, topic: str, got: dict[int, bytes]) -> paho.Client:

@@ -6,12 +6,13 @@ import dataclasses
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from waiting import wait_for
 
 from edgefleet.controller.app import ControllerApp
 from edgefleet.controller.config import load_settings
@@ -23,15 +24,6 @@ from edgefleet.protocols.signing import key_id, verify_manifest
 from edgefleet.protocols.topics import birth_topic, command_topic, telemetry_topic
 
 pytestmark = pytest.mark.mqtt
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 @dataclasses.dataclass

@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from edgefleet.controller.app import ControllerApp
 from edgefleet.controller.config import load_settings
@@ -22,15 +22,6 @@ from edgefleet.protocols.topics import telemetry_topic
 pytestmark = pytest.mark.mqtt
 
 EDGEFLEET = [sys.executable, "-c", "from edgefleet.controller.cli import main; main()"]
-
-
-def wait_for(condition, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
@@ -56,11 +47,13 @@ def test_broker_run_and_serve_until_sigterm(ready, tmp_path: Path, wire) -> None
     }
     broker = subprocess.Popen([*EDGEFLEET, "broker", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        assert wait_for(lambda: port_answers("127.0.0.1", mqtt_port)), "broker run did not start a broker"
+        assert wait_for(lambda: port_answers("127.0.0.1", mqtt_port), 15.0), "broker run did not start a broker"
         serve = subprocess.Popen([*EDGEFLEET, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{metrics_port}/metrics"
-            assert wait_for(lambda: port_answers("127.0.0.1", metrics_port)), "serve did not open its metrics port"
+            assert wait_for(lambda: port_answers("127.0.0.1", metrics_port), 15.0), (
+                "serve did not open its metrics port"
+            )
             body = urllib.request.urlopen(url, timeout=5).read().decode()
             assert 'edgefleet_devices{device_class="rpi4",state="offline"} 1.0' in body
         finally:
@@ -97,7 +90,7 @@ def test_shared_subscriptions_split_the_stream_between_replicas(cli, mqtt_broker
         for seq in range(40):
             info = device.publish(telemetry_topic(fleet, f"pi-{seq % 4 + 1:04d}"), wire.telemetry(seq // 4), qos=1)
         info.wait_for_publish(5)
-        assert wait_for(lambda: sum(a.service.rollups.recorded_messages for a in apps) == 40)
+        assert wait_for(lambda: sum(a.service.rollups.recorded_messages for a in apps) == 40, 15.0)
         counts = [a.service.rollups.recorded_messages for a in apps]
         assert all(c > 0 for c in counts), counts
         device.loop_stop()

@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 from sqlmodel import col, select
+from waiting import wait_for
 
 from edgefleet.controller.artifacts import ArtifactCatalog
 from edgefleet.controller.cli_rollout import render
@@ -48,15 +49,6 @@ pytestmark = pytest.mark.mqtt
 
 PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
 FAST_GATES = GateConfig(window_s=600, min_devices=1, min_samples=20, min_labelled=20, data_wait_s=3600)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 class Field:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from edgefleet.agent.replay import load_dataset
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
@@ -34,15 +33,6 @@ pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
 PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
 N = 6
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def test_real_agents_take_a_rollout_then_roll_back_an_aborted_one(

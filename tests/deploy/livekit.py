@@ -21,7 +21,6 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from deploykit import listen_port
 from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from typer.testing import CliRunner
+from waiting import wait_for
 
 from edgefleet.controller.app import ControllerApp
 from edgefleet.controller.cli import app as cli_app
@@ -54,15 +54,6 @@ PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
 RPI = [f"pi-{i}" for i in range(1, 4)]
 GATEWAYS = [f"gw-{i}" for i in range(1, 6)]
 GOING_OFFLINE = GATEWAYS[:4]  # 4 of 5 gateways drop: "devices going offline en masse"
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
 
 
 class PrometheusProcess:

@@ -60,11 +60,14 @@ class Agent:
         "_bad_messages",
         "_corrupted",
         "_dropped",
+        "_label_credit",
+        "_label_rate",
         "_last_bad_log",
         "_lock",
         "_on_crash",
         "_runner",
         "_sessions",
+        "_threads",
         "_watched",
         "_window_timer",
         "alive",
@@ -122,6 +125,10 @@ class Agent:
         )
         self.telemetry_window_s = config.telemetry_window_s
         self._runner: ModelRunner | None = None
+        # Set by a configure command; None: the profile's thread count, every label counted.
+        self._threads: int | None = None
+        self._label_rate = 1.0
+        self._label_credit = 0.0  # labels are kept evenly: one each time the credit reaches 1 (no RNG state)
         self._window_timer: Timer | None = None
         self._bad_messages = 0
         self._last_bad_log = -1e9
@@ -265,16 +272,28 @@ class Agent:
             if self.link.connected:
                 self.link.unsubscribe([topic])
 
+    @property
+    def threads(self) -> int:
+        """onnxruntime threads: the class profile's, unless a configure command set another."""
+        return self._threads if self._threads is not None else self.config.profile.threads
+
     def load_runner(self, path: Path, digest: str) -> ModelRunner:
-        threads = self.config.profile.threads
+        threads = self.threads
         session = self._sessions.get(digest, path, threads=threads) if self._sessions is not None else None
         scale = self.config.latency_scale * self.config.faults.slow_factor
         return ModelRunner(path, threads=threads, latency_scale=scale, session=session)
 
     def configure(self, command: ConfigureCommand) -> None:
-        """Apply a configure command's telemetry window and log level (thread count comes from the profile)."""
+        """Apply a configure command: telemetry window, thread count (the model is reloaded at the next
+        inference), the fraction of labelled inferences counted for accuracy, and the log level."""
         if command.telemetry_window_s is not None:
             self.telemetry_window_s = command.telemetry_window_s
+        if command.threads is not None and command.threads != self.threads:
+            with self._lock:
+                self._threads = command.threads
+                self._runner = None
+        if command.label_sample_rate is not None:
+            self._label_rate = command.label_sample_rate
         if command.log_level is not None:
             logging.getLogger("edgefleet.agent").setLevel(command.log_level.upper())
 
@@ -300,6 +319,12 @@ class Agent:
             self.telemetry.record_error(ErrorKind.INFERENCE)
             self.reactor.call_soon_threadsafe(lambda: self.updater.on_inference(latency_s=0.0, error=True))
             raise
+        if label is not None and self._label_rate < 1.0:
+            self._label_credit += self._label_rate
+            if self._label_credit >= 1.0:
+                self._label_credit -= 1.0
+            else:
+                label = None  # not sampled: counted as an unlabelled inference
         for i in range(len(result.predicted)):
             correct = None if label is None else bool(int(result.predicted[i]) == int(label))
             self.telemetry.record(latency_s=result.latency_s, confidence=float(result.confidence[i]), correct=correct)

@@ -148,6 +148,31 @@ def test_configure_changes_the_telemetry_window_and_is_answered(fleet: Fleet) ->
     assert agent.telemetry_window_s == 2.0
 
 
+def test_configure_sets_threads_and_label_sampling(fleet: Fleet, tmp_path: Path) -> None:
+    from edgefleet.protocols.commands import ConfigureCommand
+
+    agent = fleet.start_agent("dev-t")
+    _deploy(fleet, tmp_path, "dev-t", 1, version=1, job="job-1")
+    assert fleet.controller.wait_final("dev-t", "job-1").state.value == "active"
+    x = np.ones((1, 4), dtype=np.float32)
+    agent.infer(x, label=0)
+    before = agent.runner()
+    now = datetime.now(UTC)
+    command = ConfigureCommand(
+        job_id="cfg-2", issued_at=now, expires_at=now + timedelta(minutes=5), threads=2, label_sample_rate=0.0
+    )
+    fleet.controller.send("dev-t", command)
+    assert fleet.run_until(lambda: fleet.controller.last_event("dev-t", "cfg-2") is not None)
+    assert agent.threads == 2
+    after = agent.runner()
+    assert after is not before, "the model is reloaded at the new thread count"
+    labelled = agent.telemetry._current().labelled
+    for _ in range(20):
+        agent.infer(x, label=0)
+    # (a window closing meanwhile starts again at 0, which stays below too)
+    assert agent.telemetry._current().labelled <= labelled, "a rate of 0 counts no labels"
+
+
 def test_garbage_commands_are_dropped_and_the_agent_keeps_working(fleet: Fleet, tmp_path: Path) -> None:
     from edgefleet.protocols import topics
 

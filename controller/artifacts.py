@@ -8,6 +8,8 @@ Example::
 
     catalog = ArtifactCatalog(db, store=ArtifactStore(home / "artifacts"), signing_key=key)
     artifact = catalog.add_from_onnx("mnist-mlp", class_name="rpi4", onnx_path=Path("model.onnx"))
+    # with validation samples the devices check its outputs (and time it) before they switch to it:
+    artifact = catalog.add_from_onnx(..., validation=ValidationSet.load(Path("val.npz")))
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ from edgefleet.controller.onnx_info import read_onnx_info
 from edgefleet.controller.registry import profile_of
 from edgefleet.controller.store import ArtifactStore
 from edgefleet.controller.tables import Artifact, AuditEntry, DeviceClass, Model, utcnow
+from edgefleet.controller.validation_set import ValidationSet, build_validation
+from edgefleet.protocols.codec import MAX_PAYLOAD_BYTES, MessageKind
 from edgefleet.protocols.errors import ProtocolError
-from edgefleet.protocols.manifest import Manifest, SignedManifest, block_digests
+from edgefleet.protocols.manifest import Manifest, SignedManifest, Tolerances, block_digests
 from edgefleet.protocols.signing import key_id, public_key_of, sign_manifest
 
 __all__ = ["ArtifactCatalog", "artifact_name"]
 
 MANIFEST_TTL = dt.timedelta(days=365)
+# A deploy command wraps the signed manifest with a few hundred bytes of its own and must stay within the wire limit.
+_MAX_SIGNED_BYTES = MAX_PAYLOAD_BYTES[MessageKind.COMMAND] - 4096
 
 
 def artifact_name(model: str, class_name: str, version: int) -> str:
@@ -70,13 +76,20 @@ class ArtifactCatalog:
         onnx_path: Path,
         recipe: tuple[dict[str, JsonValue], ...] = (),
         metrics: Mapping[str, float] | None = None,
+        validation: ValidationSet | None = None,
     ) -> Artifact:
-        """Store the ONNX file, sign its manifest with the next version of the class, record it."""
+        """Store the ONNX file, sign its manifest with the next version of the class, record it.
+
+        With `validation`, the manifest carries samples of it with this model's outputs and tolerances (see
+        `validation_set.build_validation`), checked by the devices before they switch; without, they only check
+        that the model loads. A `ValidationDataError` (data that does not fit the model) stores nothing.
+        """
         key = self.signing_key
         if key is None:
             raise RegistryError("no signing key loaded: run `edgefleet init` first")
         info = read_onnx_info(onnx_path)
         data = onnx_path.read_bytes()
+        samples, tolerances = build_validation(data, validation) if validation is not None else ((), Tolerances())
         digest, size = self.store.put_bytes(data)
         measured = dict(metrics or {})
         with self.db.transaction(f"adding an artifact of {model_name!r} for class {class_name!r}") as session:
@@ -113,6 +126,8 @@ class ArtifactCatalog:
                     key_id=key_id(public_key_of(key)),
                     inputs=info.inputs,
                     outputs=info.outputs,
+                    validation_samples=samples,
+                    tolerances=tolerances,
                     latency_budget_ms=profile.latency_budget_ms,
                     metrics=measured,
                     recipe=recipe,
@@ -121,7 +136,11 @@ class ArtifactCatalog:
                 )
             except (ValidationError, ProtocolError) as exc:
                 raise StoreError(f"cannot describe {onnx_path} in a manifest: {exc}") from exc
-            return self._record(session, sign_manifest(manifest, key), recipe=recipe, metrics=measured)
+            signed = sign_manifest(manifest, key)
+            wire_size = len(signed.model_dump_json())
+            if wire_size > _MAX_SIGNED_BYTES:
+                raise StoreError(f"the signed manifest of {onnx_path} is {wire_size} bytes, over {_MAX_SIGNED_BYTES}")
+            return self._record(session, signed, recipe=recipe, metrics=measured)
 
     def _record(
         self,

@@ -1,6 +1,6 @@
 """`edgefleet compress class MODEL --class C`: plan for a registered device class and store the pick as that
 class's next signed artifact, ready for `edgefleet deploy` (the planner's choice, its recipe and its measurements
-travel in the manifest).
+travel in the manifest, with validation samples from the data's validation split).
 
     edgefleet model add digits --example digits
     edgefleet compress class digits --class rpi4 --example digits --time-budget 300
@@ -42,7 +42,7 @@ def compress_for_class(  # noqa: PLR0917 - typer passes options by position
     from edgefleet.controller.cli_plan import default_cache_dir, print_plan, run_plan
     from edgefleet.controller.errors import ControllerError
     from edgefleet.controller.keys import load_signing_key
-    from edgefleet.controller.planned import store_planned
+    from edgefleet.controller.planned import store_planned, validation_of
     from edgefleet.controller.store import ArtifactStore
     from edgefleet.protocols.errors import ProtocolError
 
@@ -61,7 +61,9 @@ def compress_for_class(  # noqa: PLR0917 - typer passes options by position
         result = run_plan(the_model, task, profile, time_budget, default_cache_dir())
         if not as_json:
             print_plan(result, Console(stderr=True))
-        artifact = store_planned(catalog, result, model_name=model_name, class_name=class_name)
+        artifact = store_planned(
+            catalog, result, model_name=model_name, class_name=class_name, validation=validation_of(task)
+        )
     except (ControllerError, ProtocolError, CompressionError) as exc:
         raise fail(str(exc)) from exc
     assert result.chosen is not None  # noqa: S101 - store_planned raised otherwise

@@ -16,6 +16,7 @@ from edgefleet.controller.model_sources import example_onnx, torch_onnx
 from edgefleet.controller.onnx_info import read_onnx_info
 from edgefleet.controller.store import ArtifactStore
 from edgefleet.controller.tables import Artifact
+from edgefleet.controller.validation_set import ValidationSet
 
 __all__ = ["artifact_app", "model_app"]
 
@@ -88,9 +89,14 @@ def artifact_add(  # noqa: PLR0917 - typer passes options by position
     class_name: Annotated[str, typer.Option("--class", help="device class")],
     onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file (default: the model's own file)")] = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help='measured metrics, JSON {"name": number}')] = None,
+    validation: Annotated[
+        Path | None,
+        typer.Option("--validation", help=".npz with x (N, features...) and optional y: samples the devices check"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Sign and store an ONNX file as the next artifact version of a class (no compression)."""
+    vset = ValidationSet.load(validation) if validation is not None else None
     catalog = _catalog(ctx, signing=True)
     if onnx is None:
         stored = open_registry(ctx).get_model(model).file_sha256
@@ -101,14 +107,25 @@ def artifact_add(  # noqa: PLR0917 - typer passes options by position
         measured = {str(k): float(v) for k, v in json.loads(metrics).items()} if metrics else {}
     except (ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f'--metrics must be a JSON object of numbers, e.g. {{"accuracy": 0.97}} ({exc})') from exc
-    artifact = catalog.add_from_onnx(model, class_name=class_name, onnx_path=onnx, metrics=measured)
+    artifact = catalog.add_from_onnx(model, class_name=class_name, onnx_path=onnx, metrics=measured, validation=vset)
+    manifest = catalog.signed_manifest(artifact).manifest
+    samples = len(manifest.validation_samples)
     if as_json:
-        typer.echo(json.dumps(_artifact_row(artifact), default=str, indent=2))
+        row = {**_artifact_row(artifact), "validation_samples": samples, "tolerances": manifest.tolerances.model_dump()}
+        typer.echo(json.dumps(row, default=str, indent=2))
         return
     typer.echo(
         f"artifact {artifact.id}: {model} for class {class_name}, version {artifact.version}, "
         f"{artifact.size} bytes, sha256 {artifact.sha256[:12]}, signed by key {artifact.key_id}"
     )
+    if samples:
+        tol = manifest.tolerances
+        typer.echo(
+            f"{samples} validation samples (abs_tol {tol.abs_tol:.3g}, rel_tol {tol.rel_tol:.3g}, "
+            f"top-1 agreement {tol.top1_agreement:.3g}): devices check outputs and latency before switching"
+        )
+    else:
+        typer.echo("no validation samples (pass --validation data.npz): devices will only check that the model loads")
 
 
 def _artifact_row(a: Artifact) -> dict[str, Any]:
@@ -160,6 +177,7 @@ def artifact_show(
         "recipe": json.loads(artifact.recipe_json),
         "stored": catalog.store.has(artifact.sha256),
         "manifest": manifest.model_dump(mode="json", exclude={"validation_samples", "block_sha256"}),
+        "validation_samples": len(manifest.validation_samples),
         "blocks": manifest.block_total,
     }
     rows = [{"field": k, "value": v} for k, v in value.items() if k not in {"manifest", "signature"}]

@@ -2,23 +2,26 @@
 recompression worker, so both record the same recipe shape (the list of passes) and the same metrics.
 
 The metrics are what the gates and the recompression triggers compare the field with later: `accuracy` and
-`predicted_p95_ms` (host p95 at one thread times the class speed factor), plus sizes and host latencies.
+`predicted_p95_ms` (host p95 at one thread times the class speed factor), plus sizes and host latencies. The task's
+validation split (`validation_of(task)`) gives the manifest its validation samples, so a planned artifact is always
+checked on the devices before they switch to it.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.controller.artifacts import ArtifactCatalog
 from edgefleet.controller.errors import ControllerError
 from edgefleet.controller.tables import Artifact
+from edgefleet.controller.validation_set import ValidationSet
 
 if TYPE_CHECKING:
     from edgefleet.compression.plan_models import Candidate, PlanResult
 
-__all__ = ["NothingFitsError", "plan_metrics", "store_planned"]
+__all__ = ["NothingFitsError", "plan_metrics", "store_planned", "validation_of"]
 
 
 class NothingFitsError(ControllerError):
@@ -43,6 +46,11 @@ def plan_metrics(chosen: Candidate) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None}
 
 
+def validation_of(task: Any) -> ValidationSet:
+    """The validation split of an `edgefleet.compression.Task` (`x_val`, `y_val`), for the manifest's samples."""
+    return ValidationSet.from_arrays(task.x_val, task.y_val)
+
+
 def nothing_fits_message(result: PlanResult, class_name: str) -> str:
     if result.closest is None:
         return f"no recipe can run on class {class_name}: " + "; ".join(result.incompatible or ["incompatible"])
@@ -51,9 +59,18 @@ def nothing_fits_message(result: PlanResult, class_name: str) -> str:
 
 
 def store_planned(
-    catalog: ArtifactCatalog, result: PlanResult, *, model_name: str, class_name: str, workdir: Path | None = None
+    catalog: ArtifactCatalog,
+    result: PlanResult,
+    *,
+    model_name: str,
+    class_name: str,
+    validation: ValidationSet | None,
+    workdir: Path | None = None,
 ) -> Artifact:
-    """Sign and store the plan's pick as the class's next artifact; `NothingFitsError` when there is none."""
+    """Sign and store the plan's pick as the class's next artifact; `NothingFitsError` when there is none.
+
+    `validation` (usually `validation_of(task)`) gives the manifest its samples; None only where there is no data.
+    """
     chosen = result.chosen
     if not result.feasible or chosen is None or result.artifact is None:
         raise NothingFitsError(nothing_fits_message(result, class_name))
@@ -68,4 +85,5 @@ def store_planned(
             onnx_path=path,
             recipe=tuple(p.model_dump(mode="json") for p in chosen.recipe.passes),
             metrics=plan_metrics(chosen),
+            validation=validation,
         )

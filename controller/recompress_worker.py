@@ -4,7 +4,7 @@
 registry's model name to a torch module or ONNX bytes plus a `Task`), runs the planner against the class profile
 the loop just updated from the field (e.g. its observed speed factor), and records the chosen ONNX model as the
 class's next signed artifact, with the metrics the gates and the next trigger compare with (`accuracy`,
-`predicted_p95_ms`). torch is imported inside the call only.
+`predicted_p95_ms`) and validation samples from the task's validation split. torch is imported inside the call only.
 
 Example::
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from edgefleet.controller.artifacts import ArtifactCatalog
 from edgefleet.controller.errors import ControllerError, UnavailableError
-from edgefleet.controller.planned import plan_metrics, store_planned
+from edgefleet.controller.planned import plan_metrics, store_planned, validation_of
 from edgefleet.controller.recompress import BuildRequest, BuildResult
 from edgefleet.controller.registry import Registry
 
@@ -49,7 +49,12 @@ class PlannerBuilder:
         model, task = self.load_model(request.model_name)
         result = plan(model, task, request.profile, options=self.options)
         artifact = store_planned(
-            self.catalog, result, model_name=request.model_name, class_name=request.class_name, workdir=self.workdir
+            self.catalog,
+            result,
+            model_name=request.model_name,
+            class_name=request.class_name,
+            validation=validation_of(task),
+            workdir=self.workdir,
         )
         chosen = result.chosen
         assert chosen is not None  # noqa: S101 - store_planned raised otherwise

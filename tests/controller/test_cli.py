@@ -174,3 +174,40 @@ def test_model_add_from_a_shipped_example(ready) -> None:
     bad = ready("model", "add", "other", "--example", "nope")
     assert bad.exit_code == 1
     assert "choose one of" in bad.output
+
+
+def test_artifact_add_with_validation_samples(ready, tiny_onnx: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    ready.ok("model", "add", "tiny", "--onnx", str(tiny_onnx))
+    bare = ready.ok("artifact", "add", "tiny", "--class", "rpi4")
+    assert "no validation samples" in bare
+    assert ready.json("artifact", "show", "rpi4:1")["validation_samples"] == 0
+    good = tmp_path / "val.npz"
+    rng = np.random.default_rng(0)
+    np.savez(good, x=rng.normal(size=(40, 4)).astype(np.float32), y=rng.integers(0, 3, 40))
+    added = ready.json("artifact", "add", "tiny", "--class", "rpi4", "--validation", str(good))
+    assert added["validation_samples"] == 16
+    assert added["tolerances"]["top1_agreement"] == 1.0
+    assert "16 validation samples" in ready.ok("artifact", "add", "tiny", "--class", "rpi4", "--validation", str(good))
+    assert ready.json("artifact", "show", "rpi4:3")["validation_samples"] == 16
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, x=np.ones((10, 64), np.float32))
+    text = tmp_path / "text.npz"
+    text.write_text("not numpy")
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, x=np.array([None, 1], dtype=object))
+    cases = [
+        (tmp_path / "missing.npz", "cannot read validation data"),
+        (text, "is not an .npz file"),
+        (pickled, "pickled"),
+        (wide, "wants ('N', 4)"),
+    ]
+    for path, message in cases:
+        result = ready("artifact", "add", "tiny", "--class", "rpi4", "--validation", str(path))
+        assert result.exit_code == 1, (path, result.output)
+        assert message in result.output, (path, result.output)
+        assert "Traceback" not in result.output
+    assert len(ready.json("artifact", "list", "--class", "rpi4")) == 3  # nothing stored by the failures
+    assert ready.json("artifact", "add", "tiny", "--class", "rpi4")["version"] == 4
+    assert ready("artifact", "add", "tiny", "--class", "rpi4", "--validation").exit_code == 2  # usage error

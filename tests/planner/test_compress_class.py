@@ -63,6 +63,8 @@ def test_the_pick_is_stored_signed_with_its_recipe(home: tuple[dict[str, str], P
     text = json.dumps(shown)
     assert "quantize" in text  # the recipe travels with the artifact
     assert "predicted_p95_ms" in text
+    assert shown["validation_samples"] == 16  # from the data's validation split, checked on the devices
+    assert shown["manifest"]["tolerances"]["top1_agreement"] < 1.0  # the int8 pick gets int8 tolerances
 
 
 def test_nothing_fits_stores_nothing_and_says_by_how_much(home: tuple[dict[str, str], Path, Path]) -> None:

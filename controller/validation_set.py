@@ -1,0 +1,388 @@
+"""Validation samples for a manifest: a few inputs, the outputs this model gives for them, and tolerances.
+
+A device runs the samples before it switches to a new model (agent/validate.py) and rolls back when the outputs
+are not close to `expected` or their argmax disagrees too often; the runs also time the model against the class
+budget. Without samples the device can only check that the model loads.
+
+    vset = ValidationSet.load(Path("val.npz"))              # arrays x (N, features...) and optional y (N,)
+    samples, tolerances = build_validation(Path("model.onnx"), vset, count=16)
+    catalog.add_from_onnx("digits", class_name="rpi4", onnx_path=path, validation=vset)   # does the same inside
+
+The expected outputs come from onnxruntime on one thread with its default graph optimizations. The tolerances
+depend on how the model computes (see `tolerances_for`) and on the size of its outputs, and are checked here before
+they go out: the same samples run again with two threads and graph optimizations off (for an int8 QDQ graph that
+is the float fake-quant path instead of the fused integer kernels, a difference of the same kind as another CPU's)
+must pass them, with the rule the device applies.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.controller.errors import ControllerError
+from edgefleet.protocols.manifest import (
+    DTYPE_SIZES,
+    MAX_INLINE_TENSOR_BYTES,
+    InlineTensor,
+    Tolerances,
+    ValidationSample,
+)
+
+__all__ = [
+    "MAX_SAMPLES",
+    "MAX_VALIDATION_BYTES",
+    "MAX_VALIDATION_FILE_BYTES",
+    "NumericKind",
+    "ValidationDataError",
+    "ValidationSet",
+    "build_validation",
+    "numeric_kind",
+    "tolerances_for",
+]
+
+MAX_SAMPLES = 64
+"""The manifest carries at most 64 validation samples."""
+MAX_VALIDATION_BYTES = 256 * 1024
+"""Raw bytes of all samples' inputs and expected outputs together: base64 makes ~342 KiB of them, which leaves room
+in the 1 MiB deploy command for a manifest of 4096 block digests (~270 KiB)."""
+MAX_VALIDATION_FILE_BYTES = 256 * 2**20
+"""An .npz (and every array in it, uncompressed) larger than this is refused before it is read."""
+_MAX_RANK = 8  # InlineTensor shapes have at most 8 axes: (1, *features) for one sample
+_MAX_LABEL = 2**31
+_POOL_FACTOR = 4  # candidates looked at per sample kept, so that near-ties can be skipped
+
+
+class ValidationDataError(ControllerError):
+    """The validation data cannot be read, or does not fit the model; nothing was stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationSet:
+    """Labelled (or unlabelled) inputs to build validation samples from: `inputs` float32 (N, features...)."""
+
+    inputs: np.ndarray
+    labels: np.ndarray | None = None
+
+    @classmethod
+    def from_arrays(cls, inputs: Any, labels: Any = None) -> ValidationSet:
+        """Check and convert: float inputs of at least two axes, finite; integer labels >= 0, one per input."""
+        x = np.asarray(inputs)
+        if x.dtype.kind != "f":
+            raise ValidationDataError(f"inputs: dtype {x.dtype}; expected floating point numbers (float32)")
+        if x.ndim < 2 or x.ndim > _MAX_RANK:
+            raise ValidationDataError(f"inputs: shape {x.shape}; expected (samples, features...) with 2..8 axes")
+        if x.shape[0] < 1 or x.size == 0:
+            raise ValidationDataError(f"inputs: shape {x.shape} holds no samples")
+        if x.nbytes > MAX_VALIDATION_FILE_BYTES:
+            raise ValidationDataError(f"inputs: {x.nbytes} bytes, more than {MAX_VALIDATION_FILE_BYTES}")
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf, refused just below
+            x32 = np.array(x, dtype=np.float32, order="C", copy=True)  # a copy: the caller's array stays writable
+        if not np.isfinite(x32).all():
+            raise ValidationDataError("inputs: contain NaN or infinite values (or values beyond float32's range)")
+        x32.flags.writeable = False
+        return cls(inputs=x32, labels=None if labels is None else _labels(labels, x32.shape[0]))
+
+    @classmethod
+    def load(cls, path: Path) -> ValidationSet:
+        """Read an .npz with `x` (or `inputs`, or `x_val`) and optional `y` (or `labels`, `y_val`); no pickles."""
+        arrays = _read_npz(Path(path))
+        x_key = next((k for k in ("x", "inputs", "x_val") if k in arrays), None)
+        if x_key is None:
+            raise ValidationDataError(f"{path}: no array named x (or inputs); it holds {sorted(arrays) or 'nothing'}")
+        y_key = next((k for k in ("y", "labels", "y_val") if k in arrays), None)
+        try:
+            return cls.from_arrays(arrays[x_key], None if y_key is None else arrays[y_key])
+        except ValidationDataError as exc:
+            raise ValidationDataError(f"{path}: {exc}") from exc
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def _labels(labels: Any, count: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.dtype.kind not in "iu":
+        raise ValidationDataError(f"labels: dtype {y.dtype}; expected integer class indices")
+    if y.ndim != 1 or y.shape[0] != count:
+        raise ValidationDataError(f"labels: shape {y.shape}; expected ({count},), one label per input")
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= _MAX_LABEL):
+        raise ValidationDataError(f"labels: values must be 0..{_MAX_LABEL - 1}, got {int(y.min())}..{int(y.max())}")
+    out = y.astype(np.int64, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ValidationDataError(f"cannot read validation data {path} ({exc.strerror or exc})") from exc
+    if size > MAX_VALIDATION_FILE_BYTES:
+        raise ValidationDataError(f"{path} is {size} bytes, more than {MAX_VALIDATION_FILE_BYTES}")
+    if not zipfile.is_zipfile(path):
+        raise ValidationDataError(f"{path} is not an .npz file (numpy.savez / savez_compressed)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValidationDataError(f"{path} is not a readable .npz file ({exc})") from exc
+    if unpacked > MAX_VALIDATION_FILE_BYTES:  # a small file may inflate to gigabytes
+        raise ValidationDataError(f"{path} unpacks to {unpacked} bytes, more than {MAX_VALIDATION_FILE_BYTES}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False", bad headers
+        reason = "it holds pickled (object) arrays, which are refused" if "pickle" in str(exc) else str(exc)
+        raise ValidationDataError(f"{path}: cannot load the arrays: {reason}") from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValidationDataError(f"{path} is not a readable .npz file ({exc})") from exc
+
+
+class NumericKind(StrEnum):
+    """How a model computes, which decides how far another CPU's outputs may drift from the controller's."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+_INT8_OPS = frozenset(
+    {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm"}
+)
+_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+
+
+def numeric_kind(model: Any) -> NumericKind:
+    """INT8 when the graph has integer kernels (QLinear*, QuantizeLinear, ...), FP16 when it holds float16 tensors."""
+    graph = model.graph
+    ops = {node.op_type for node in graph.node}
+    if ops & _INT8_OPS or any(op.startswith("QLinear") for op in ops):
+        return NumericKind.INT8
+    typed = [*graph.input, *graph.output, *graph.value_info]
+    if (
+        any(v.type.tensor_type.elem_type == _FLOAT16 for v in typed)
+        or any(init.data_type == _FLOAT16 for init in graph.initializer)
+        or any(a.name == "to" and a.i == _FLOAT16 for node in graph.node for a in node.attribute)
+    ):
+        return NumericKind.FP16
+    return NumericKind.FP32
+
+
+def tolerances_for(kind: NumericKind, scale: float) -> Tolerances:
+    """Tolerances for outputs whose largest magnitude is `scale` (logits ~10, probabilities <= 1).
+
+    The device's rule is |got - want| <= abs_tol + rel_tol * |want| on every element; rounding errors grow with the
+    size of the values summed, not with each element, so abs_tol is a fraction of the largest output (never less
+    than that fraction of 1, which covers probabilities and small logits alike):
+    - fp32: the protocol's defaults (1e-3 + 1e-2 relative) at scale 1. Another CPU sums in another order: errors
+      of ~1e-5 of the scale for a few thousand terms, two orders of magnitude inside. Every argmax must match
+      (samples near a tie are not picked, see `build_validation`).
+    - fp16: half precision rounds at ~1e-3 per operation; 1e-2 of the scale and 2e-2 relative leave room for a few
+      dozen roundings in a row; 5% of the argmaxes may flip.
+    - int8: a device's integer kernels (ARM dot product vs x86 u8s8 with reduce_range, requantization rounding) or
+      the float fake-quant path differ from the controller's by one or two quantization steps per layer, a few
+      percent of the output range by the last layer; 5% of the scale plus 5% relative cover that, while a
+      different model (errors of the order of the scale itself) still fails. 10% of the argmaxes may flip (one in
+      sixteen samples), since an int8 output can cross a close second from one kernel to another.
+    """
+    unit = max(1.0, float(scale))
+    if kind is NumericKind.INT8:
+        return Tolerances(abs_tol=0.05 * unit, rel_tol=0.05, top1_agreement=0.9)
+    if kind is NumericKind.FP16:
+        return Tolerances(abs_tol=1e-2 * unit, rel_tol=2e-2, top1_agreement=0.95)
+    return Tolerances(abs_tol=1e-3 * unit, rel_tol=1e-2, top1_agreement=1.0)
+
+
+def build_validation(
+    onnx_path_or_bytes: Path | bytes, vset: ValidationSet, *, count: int = 16, seed: int = 0
+) -> tuple[tuple[ValidationSample, ...], Tolerances]:
+    """Pick up to `count` samples (deterministic for a seed), run the model on each, choose the tolerances.
+
+    Fewer samples come back when the manifest's size limits need it; `ValidationDataError` when the data does not
+    fit the model's input, when not even one sample fits, or when the model's own outputs drift outside the
+    tolerances between two onnxruntime configurations (it would then fail validation on the devices too).
+    """
+    if not 1 <= count <= MAX_SAMPLES:
+        raise ValidationDataError(f"count {count}: a manifest carries 1..{MAX_SAMPLES} validation samples")
+    data = _model_bytes(onnx_path_or_bytes)
+    kind = numeric_kind(_parse(data))
+    main, other = _Model(data, threads=1, optimize=True), _Model(data, threads=2, optimize=False)
+    sample_shape = main.sample_shape(vset)
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(vset))]
+    first = main.run(vset.inputs[order[0]].reshape(sample_shape))
+    per_sample = main.input_bytes(sample_shape) + sum(_checked_size(n, a) for n, a in first.items())
+    count = min(count, len(vset), MAX_VALIDATION_BYTES // per_sample)
+    if count < 1:
+        raise ValidationDataError(
+            f"one validation sample takes {per_sample} bytes, more than the manifest's {MAX_VALIDATION_BYTES}"
+        )
+    pool = order[: min(len(order), count * _POOL_FACTOR)]
+    feeds = [vset.inputs[i].reshape(sample_shape).astype(main.input_dtype) for i in pool]
+    expected = [main.run(x) for x in feeds]
+    again = [other.run(x) for x in feeds]
+    tolerances = tolerances_for(kind, _scale(expected))
+    ranked = sorted(range(len(pool)), key=lambda j: _rank(expected[j], again[j], tolerances))[:count]
+    ranked.sort()  # keep the seed's order among the samples picked
+    close, agree = _fractions([expected[j] for j in ranked], [again[j] for j in ranked], tolerances)
+    if min(close, agree) < tolerances.top1_agreement:
+        raise ValidationDataError(
+            f"the model's outputs change between onnxruntime settings beyond its {kind.value} tolerances "
+            f"(abs {tolerances.abs_tol:g}, rel {tolerances.rel_tol:g}): {close:.2f} of the samples close, {agree:.2f} "
+            "with the same argmax; devices would reject it"
+        )
+    samples = tuple(
+        _sample(main.input_name, feeds[j], expected[j], None if vset.labels is None else int(vset.labels[pool[j]]))
+        for j in ranked
+    )
+    return samples, tolerances
+
+
+def _model_bytes(source: Path | bytes) -> bytes:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ValidationDataError(f"cannot read ONNX file {source} ({exc.strerror or exc})") from exc
+
+
+def _parse(data: bytes) -> Any:
+    import onnx
+
+    try:
+        return onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ValidationDataError(f"not an ONNX model ({type(exc).__name__}: {exc})") from exc
+
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class _Model:
+    """One onnxruntime session over the model bytes, run one sample at a time as a device does."""
+
+    def __init__(self, data: bytes, *, threads: int, optimize: bool) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            self.session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ValidationDataError(f"onnxruntime cannot load the model: {exc}") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            names = ", ".join(i.name for i in inputs)
+            raise ValidationDataError(f"validation samples need a model with one input; this one has {names}")
+        self.input_name: str = inputs[0].name
+        self.input_shape: list[int | str | None] = list(inputs[0].shape)
+        dtype = _ORT_DTYPES.get(inputs[0].type)
+        if dtype is None:
+            raise ValidationDataError(f"model input {self.input_name!r} is {inputs[0].type}; only float inputs")
+        self.input_dtype = np.dtype(dtype)
+
+    def sample_shape(self, vset: ValidationSet) -> tuple[int, ...]:
+        """The shape one sample is fed with: (1, *features), or the features alone for a model without batch axis."""
+        features = tuple(int(d) for d in vset.inputs.shape[1:])
+        want = self.input_shape
+        shape = (1, *features) if len(want) == len(features) + 1 else features
+        fits = len(want) == len(shape) and all(
+            not isinstance(w, int) or w == s for w, s in zip(want, shape, strict=True)
+        )
+        if not fits:
+            shown = tuple(w if isinstance(w, int) else "N" for w in want)
+            raise ValidationDataError(
+                f"the validation data has samples of shape {features}; the model's input {self.input_name!r} "
+                f"wants {shown}"
+            )
+        return shape
+
+    def input_bytes(self, shape: tuple[int, ...]) -> int:
+        size = math.prod(shape) * self.input_dtype.itemsize
+        if size > MAX_INLINE_TENSOR_BYTES:
+            raise ValidationDataError(
+                f"one input sample is {size} bytes; a manifest carries tensors of up to {MAX_INLINE_TENSOR_BYTES}"
+            )
+        return size
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            outputs = self.session.run(None, {self.input_name: x.astype(self.input_dtype)})
+        except Exception as exc:  # shape/type mismatches inside the graph
+            raise ValidationDataError(f"the model fails on a validation sample of shape {x.shape}: {exc}") from exc
+        names = [o.name for o in self.session.get_outputs()]
+        return {name: np.asarray(out) for name, out in zip(names, outputs, strict=True)}
+
+
+def _checked_size(name: str, array: np.ndarray) -> int:
+    if array.dtype.name not in DTYPE_SIZES or array.ndim > _MAX_RANK:
+        raise ValidationDataError(f"model output {name!r} is {array.dtype} of shape {array.shape}: not a tensor")
+    if array.nbytes > MAX_INLINE_TENSOR_BYTES:
+        raise ValidationDataError(f"model output {name!r} has {array.nbytes} bytes per sample, too many to carry")
+    return int(array.nbytes)
+
+
+def _floats(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [a.astype(np.float64) for a in outputs.values() if a.dtype.kind == "f"]
+
+
+def _scale(expected: list[dict[str, np.ndarray]]) -> float:
+    values = [float(np.abs(a).max()) for out in expected for a in _floats(out) if a.size]
+    return max(values, default=1.0)
+
+
+def _check(got: dict[str, np.ndarray], want: dict[str, np.ndarray], tol: Tolerances) -> tuple[bool, bool]:
+    """(close, same argmax) by the rule a device applies (agent/validate.py)."""
+    close = agree = True
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None or g.shape != w.shape:
+            return False, False
+        g64, w64 = g.astype(np.float64), w.astype(np.float64)
+        close &= bool(np.all(np.abs(g64 - w64) <= tol.abs_tol + tol.rel_tol * np.abs(w64)))
+        agree &= bool(np.array_equal(g.argmax(axis=-1), w.argmax(axis=-1)))
+    return close, agree
+
+
+def _fractions(
+    expected: list[dict[str, np.ndarray]], again: list[dict[str, np.ndarray]], tol: Tolerances
+) -> tuple[float, float]:
+    checks = [_check(g, w, tol) for g, w in zip(again, expected, strict=True)]
+    total = max(1, len(checks))
+    return sum(c for c, _ in checks) / total, sum(a for _, a in checks) / total
+
+
+def _rank(want: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerances) -> tuple[int, float]:
+    """Sort key: samples whose argmax cannot flip within the tolerances first (then by how far from a tie)."""
+    _, agree = _check(got, want, tol)
+    margins = []
+    for a in _floats(want):
+        if a.shape[-1:] and a.shape[-1] > 1:
+            top2 = np.sort(a, axis=-1)[..., -2:]
+            slack = 2 * (tol.abs_tol + tol.rel_tol * np.abs(top2[..., 1]))
+            margins.append(float(np.min((top2[..., 1] - top2[..., 0]) / slack)))
+    margin = min(margins, default=math.inf)
+    stable = agree and margin > 1.0
+    return (0 if stable else 1, 0.0 if stable else -margin)
+
+
+def _tensor(array: np.ndarray) -> InlineTensor:
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return InlineTensor.from_bytes(little.tobytes(), dtype=array.dtype.name, shape=tuple(int(d) for d in array.shape))
+
+
+def _sample(input_name: str, x: np.ndarray, expected: dict[str, np.ndarray], label: int | None) -> ValidationSample:
+    return ValidationSample(
+        inputs={input_name: _tensor(x)}, expected={n: _tensor(a) for n, a in expected.items()}, label=label
+    )

@@ -1,9 +1,10 @@
 """The controller process: registry database, message service, MQTT connection and metrics endpoint together.
 
 `edgefleet serve`, `edgefleet demo` and the ingest benchmark run a `ControllerApp`. It runs the rollout engine
-(`RolloutRunner`, one tick a second) unless `rollouts=False`. Unless a `block_requests` hook
-is given (or `serve_blocks=False`), it serves artifact blocks from the store to the devices that ask
-(`BlockServing`), counting the bytes in `edgefleet_artifact_bytes_served_total{device_class}`.
+(`RolloutRunner`, one tick a second) unless `rollouts=False`, and the recompression loop (`RecompressionRunner`:
+a step every `recompress_interval_s`, builds on a worker thread) unless `recompress=False`. Unless a
+`block_requests` hook is given (or `serve_blocks=False`), it serves artifact blocks from the store to the devices
+that ask (`BlockServing`), counting the bytes in `edgefleet_artifact_bytes_served_total{device_class}`.
 
 Example::
 
@@ -26,9 +27,12 @@ from sqlmodel import col, func, select
 from edgefleet.controller.blockserver import BlockServer
 from edgefleet.controller.config import Settings
 from edgefleet.controller.db import Database
+from edgefleet.controller.errors import ControllerError
 from edgefleet.controller.home import open_database
 from edgefleet.controller.metrics import ControllerMetrics
 from edgefleet.controller.mqtt import MqttClient, MqttError
+from edgefleet.controller.recompress import Builder, RecompressionLoop
+from edgefleet.controller.recompress_runner import RecompressionRunner, default_builder
 from edgefleet.controller.rollout_engine import RolloutEngine
 from edgefleet.controller.rollout_metrics import RolloutCollector
 from edgefleet.controller.rollout_runner import RolloutRunner
@@ -137,6 +141,9 @@ class ControllerApp:
         rollouts: bool = True,
         rollout_interval_s: float = 1.0,
         clock: Callable[[], dt.datetime] = utcnow,
+        recompress: bool = True,
+        recompress_interval_s: float = 5.0,
+        recompress_builder: Builder | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -192,6 +199,13 @@ class ControllerApp:
             engine = RolloutEngine(self.db, publisher=self.mqtt, metrics=self.metrics)
             self.rollouts = RolloutRunner(engine, interval_s=rollout_interval_s)
             self.registry.register(RolloutCollector(self.db))
+        # The closed loop: triggers checked on a timer thread, builds (planning, 10-150 s) on a worker thread.
+        self.recompression: RecompressionLoop | None = None
+        self._recompress_runner: RecompressionRunner | None = None
+        if recompress:
+            builder = recompress_builder if recompress_builder is not None else default_builder(settings, self.db)
+            self.recompression = RecompressionLoop(self.db, builder=builder, clock=clock)
+            self._recompress_runner = RecompressionRunner(self.recompression, interval_s=recompress_interval_s)
         self._http: Any = None
 
     def _fleet_of(self, device_id: str) -> str | None:
@@ -206,6 +220,8 @@ class ControllerApp:
             self.mqtt.connect(timeout=connect_timeout)
             if self.rollouts is not None:
                 self.rollouts.start()
+            if self._recompress_runner is not None:
+                self._recompress_runner.start()
             if metrics_server:
                 self._http = start_http_server(
                     self.settings.metrics_port, addr=self.settings.metrics_host, registry=self.registry
@@ -214,8 +230,24 @@ class ControllerApp:
             self.stop()
             raise
         log.info("controller serving fleet %s", self.settings.fleet)
+        log.info("%s", self.recompression_status())
+
+    def recompression_status(self) -> str:
+        """The startup line: whether the recompression loop runs, how often, and which class policies it watches."""
+        runner, loop = self._recompress_runner, self.recompression
+        if runner is None or loop is None:
+            return "recompression loop off"
+        try:
+            policies = loop.describe_policies()
+        except ControllerError as exc:
+            policies = f"unknown ({exc})"
+        key_path = self.settings.key_path
+        key = "" if key_path.exists() else f"; no signing key at {key_path}, builds will fail"
+        return f"recompression loop every {runner.interval_s:g} s; policies: {policies}{key}"
 
     def stop(self) -> None:
+        if self._recompress_runner is not None:
+            self._recompress_runner.stop()
         if self.rollouts is not None:
             self.rollouts.stop()
         if self.blocks is not None:

@@ -9,12 +9,13 @@ from typing import Annotated
 import typer
 
 from edgefleet.controller.cli_common import JsonOpt, emit, guarded, open_registry
-from edgefleet.protocols.profile import load_profile
+from edgefleet.controller.recompress_policy import RecompressionPolicy, policy_of_file
+from edgefleet.protocols.profile import DeviceProfile, load_profile
 
 __all__ = ["class_app", "fleet_app"]
 
 fleet_app = typer.Typer(help="Create and list fleets.", no_args_is_help=True)
-class_app = typer.Typer(help="Add, list and show device classes and their profiles.", no_args_is_help=True)
+class_app = typer.Typer(help="Add, update, list and show device classes and their profiles.", no_args_is_help=True)
 
 
 @fleet_app.command("create")
@@ -33,6 +34,20 @@ def fleet_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     emit(rows, columns=["name", "devices", "created_at"], as_json=as_json, title="fleets")
 
 
+def _class_file(name: str, path: Path) -> tuple[DeviceProfile, RecompressionPolicy | None]:
+    """The profile (renamed to `name`) and the optional `[policy]` table of a class TOML; both checked first."""
+    loaded = load_profile(path)
+    if loaded.name != name:
+        loaded = loaded.model_validate({**loaded.model_dump(), "name": name})
+    return loaded, policy_of_file(path)
+
+
+def _policy_note(policy: RecompressionPolicy | None) -> str:
+    if policy is None:
+        return "no [policy] table: the recompression loop does not watch it"
+    return f"recompression policy: {policy.mode}, latency over budget for {policy.latency_windows} windows"
+
+
 @class_app.command("add")
 @guarded
 def class_add(
@@ -40,12 +55,23 @@ def class_add(
     name: Annotated[str, typer.Argument(help="class name (the profile's name is replaced by it)")],
     profile: Annotated[Path, typer.Option("--profile", help="device profile TOML file")],
 ) -> None:
-    """Add a device class from a profile file (storage, RAM, latency budget, threads, accuracy rule)."""
-    loaded = load_profile(profile)
-    if loaded.name != name:
-        loaded = loaded.model_validate({**loaded.model_dump(), "name": name})
-    row = open_registry(ctx).add_class(loaded, name=name)
-    typer.echo(f"class {row.name} added from {profile}")
+    """Add a device class from a profile file ([profile] table; its [policy] table is the recompression policy)."""
+    loaded, policy = _class_file(name, profile)
+    row = open_registry(ctx).add_class(loaded, name=name, policy=policy)
+    typer.echo(f"class {row.name} added from {profile}; {_policy_note(policy)}")
+
+
+@class_app.command("update")
+@guarded
+def class_update(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="class name")],
+    profile: Annotated[Path, typer.Option("--profile", help="device profile TOML file")],
+) -> None:
+    """Replace a class's profile and recompression policy with those of the file (no [policy] table: none)."""
+    loaded, policy = _class_file(name, profile)
+    row = open_registry(ctx).update_class(loaded, name=name, policy=policy)
+    typer.echo(f"class {row.name} updated from {profile}; {_policy_note(policy)}")
 
 
 @class_app.command("list")
@@ -77,8 +103,17 @@ def class_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @guarded
 def class_show(ctx: typer.Context, name: Annotated[str, typer.Argument()], as_json: JsonOpt = False) -> None:
     """Show one class: its whole profile."""
-    row, profile = open_registry(ctx).get_class(name)
-    value = {"name": row.name, "last_version": row.last_version, "created_at": row.created_at, "profile": profile}
+    registry = open_registry(ctx)
+    row, profile = registry.get_class(name)
+    policy = registry.class_policy(row.name)
+    value = {
+        "name": row.name,
+        "last_version": row.last_version,
+        "created_at": row.created_at,
+        "profile": profile,
+        "policy": policy.model_dump() if policy is not None else None,
+    }
     rows = [{"field": k, "value": v} for k, v in profile.model_dump().items()]
     rows.append({"field": "last_version", "value": row.last_version})
+    rows += [{"field": f"policy.{k}", "value": v} for k, v in (policy.model_dump() if policy else {}).items()]
     emit(rows, columns=["field", "value"], as_json=as_json, title=f"class {row.name}", json_value=value)

@@ -125,22 +125,44 @@ def broker_run(ctx: typer.Context) -> None:
 def serve(
     ctx: typer.Context,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus port")] = None,
+    recompress: Annotated[
+        bool | None,
+        typer.Option(
+            "--recompress/--no-recompress",
+            help="run the recompression loop (class [policy] tables); default: the `recompress` setting, on",
+            show_default=False,
+        ),
+    ] = None,
+    recompress_interval: Annotated[
+        float | None,
+        typer.Option(
+            "--recompress-interval",
+            min=0.1,
+            max=3600.0,
+            help="seconds between two checks of the recompression triggers (default: the setting, 5)",
+        ),
+    ] = None,
 ) -> None:
-    """Run the controller (MQTT service + metrics endpoint) until SIGINT or SIGTERM."""
+    """Run the controller (MQTT service, rollouts, recompression loop, metrics endpoint) until SIGINT or SIGTERM."""
+    from dataclasses import replace
+
     from edgefleet.controller.app import ControllerApp
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_of(ctx)
     if metrics_port is not None:
-        from dataclasses import replace
-
         settings = replace(settings, metrics_port=metrics_port)
-    app = ControllerApp(settings)
+    if recompress is not None:
+        settings = replace(settings, recompress=recompress)
+    if recompress_interval is not None:
+        settings = replace(settings, recompress_interval_s=recompress_interval)
+    app = ControllerApp(settings, recompress=settings.recompress, recompress_interval_s=settings.recompress_interval_s)
     app.start()
     typer.echo(
         f"serving fleet {settings.fleet} from {settings.mqtt_host}:{settings.mqtt_port}; "
         f"metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
     )
+    typer.echo(app.recompression_status())
     try:
         _wait_for_signal(threading.Event())
     finally:

@@ -9,6 +9,8 @@ field names of `Settings`, at the top level::
     metrics_port = 9464
     fleet = "plant-a"
     shared_subscriptions = true
+    recompress = true             # the closed loop: telemetry triggers recompression (see docs/operations.md)
+    recompress_interval_s = 5.0
 
 Example::
 
@@ -57,6 +59,9 @@ class Settings:
     telemetry_retention_days: float = 7.0
     flush_interval_s: float = 0.5
     flush_every: int = 5000
+    # The recompression loop (`edgefleet serve --recompress/--no-recompress`, `--recompress-interval`).
+    recompress: bool = True
+    recompress_interval_s: float = 5.0
 
     @property
     def db_url(self) -> str:
@@ -113,6 +118,13 @@ def _to_str(value: Any) -> str:
     return str(value)
 
 
+def _positive_float(value: Any) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("expected a number > 0")
+    return number
+
+
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "home": lambda v: Path(_to_str(v)).expanduser(),
     "database_url": _to_str,
@@ -131,6 +143,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "telemetry_retention_days": float,
     "flush_interval_s": float,
     "flush_every": int,
+    "recompress": _to_bool,
+    "recompress_interval_s": _positive_float,
 }
 
 

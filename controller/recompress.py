@@ -9,6 +9,15 @@ rollout starts at once; with `"approve"` it waits for `edgefleet recompress appr
 Debounce: one open recompression per class at a time, none while a rollout to the class is live, and none within
 the policy's `cooldown_s` after the last one ended, so one problem yields one recompression.
 
+Builds: by default `step` calls the builder inline (tests, one-shot tools). In the controller process a
+`RecompressionRunner` (controller/recompress_runner.py) sets `submit`: `step` then hands each recompression in
+`building` to that worker thread and returns at once, and the worker records the result (`run_build`).
+
+Restart: a controller killed during a build leaves its recompression in `building`. `recover` (called by the runner
+when it starts) retries such a build once, noting why in `note` and the audit log; a recompression found in
+`building` by a second restart is marked failed ("the controller stopped twice during this build"), so a build that
+kills its controller cannot loop. Its trigger fires again after the cooldown if the problem persists.
+
 Example::
 
     loop = RecompressionLoop(db, builder=my_worker)
@@ -49,6 +58,7 @@ __all__ = ["BuildRequest", "BuildResult", "Builder", "RecompressionLoop"]
 log = logging.getLogger(__name__)
 
 OPEN_STATES = ("building", "pending", "rolling_out")
+RESTART_NOTE = "retrying: the controller stopped during this build"
 LIVE_ROLLOUTS = (RolloutState.PENDING.value, RolloutState.RUNNING.value, RolloutState.PAUSED.value)
 
 
@@ -93,6 +103,9 @@ class RecompressionLoop:
         self.plan = plan or WavePlan()
         self.gates = gates or GateConfig()
         self.clock = clock
+        # Set by a RecompressionRunner: takes a build request for its worker thread; False when busy (asked again
+        # at the next step). None: `step` builds inline.
+        self.submit: Callable[[BuildRequest], bool] | None = None
 
     def _audit(self, session: Session, action: str, target: str, now: dt.datetime, **detail: Any) -> None:
         session.add(
@@ -111,6 +124,18 @@ class RecompressionLoop:
             row.policy_json, row.updated_at = policy.model_dump_json(), now
             session.add(row)
             self._audit(session, "recompress.policy", class_name, now, policy=policy.model_dump())
+
+    def policies(self) -> dict[str, RecompressionPolicy]:
+        """The stored policy of every class that has one (the classes the loop watches)."""
+        with self.db.reading("listing recompression policies") as session:
+            rows = session.exec(select(ClassPolicy).order_by(col(ClassPolicy.class_name))).all()
+        return {r.class_name: RecompressionPolicy.model_validate_json(r.policy_json) for r in rows}
+
+    def describe_policies(self) -> str:
+        """One line for logs: `rpi4 (approve, K=3), x86-gateway (auto, K=3)`, or `none`."""
+        found = self.policies()
+        parts = [f"{name} ({p.mode}, K={p.latency_windows})" for name, p in found.items()]
+        return ", ".join(parts) or "none (no class has a [policy] table)"
 
     # ------------------------------------------------------------------ the loop
     def step(self, now: dt.datetime | None = None) -> list[int]:
@@ -223,14 +248,56 @@ class RecompressionLoop:
         for request in requests:
             if self.builder is None:
                 self._finish(request.recompression_id, "failed", now, note="no compression worker is attached")
-                continue
-            try:
-                result = self.builder(request)
-            except Exception as exc:  # the worker runs torch: any failure ends this recompression, not the loop
+            elif self.submit is not None:
+                self.submit(request)
+            else:
+                self.run_build(request, now)
+
+    def run_build(self, request: BuildRequest, now: dt.datetime | None = None) -> None:
+        """Build one recompression and record the result (pending, then rolling out in auto mode) or the failure."""
+        if self.builder is None:
+            self.fail(request.recompression_id, "no compression worker is attached", now)
+            return
+        try:
+            result = self.builder(request)
+        except Exception as exc:  # the worker runs torch: any failure ends this recompression, not the loop
+            if isinstance(exc, ControllerError):  # an expected refusal (no key, no model): no traceback
+                log.warning("recompression %s: the build failed: %s", request.recompression_id, exc)
+            else:
                 log.exception("recompression %s: the build failed", request.recompression_id)
-                self._finish(request.recompression_id, "failed", now, note=f"build failed: {exc}")
-                continue
-            self._built(request.recompression_id, result, now)
+            self.fail(request.recompression_id, f"build failed: {exc}", now)
+            return
+        self.record_build(request.recompression_id, result, now)
+
+    def record_build(self, recompression_id: int, result: BuildResult, now: dt.datetime | None = None) -> None:
+        """The builder's artifact: the recompression becomes pending (rolling out at once in auto mode)."""
+        self._built(recompression_id, result, now or self.clock())
+
+    def fail(self, recompression_id: int, note: str, now: dt.datetime | None = None) -> None:
+        """End a recompression that is still building as failed, with the reason."""
+        self._finish(recompression_id, "failed", now or self.clock(), note=note)
+
+    def recover(self, now: dt.datetime | None = None) -> list[int]:
+        """After a restart: retry each build left in `building` once; fail those already retried. Returns retried."""
+        now = now or self.clock()
+        retried = []
+        with self.db.transaction("recovering interrupted recompression builds") as session:
+            rows = session.exec(select(Recompression).where(Recompression.state == "building")).all()
+            for row in rows:
+                if row.note is not None and row.note.startswith(RESTART_NOTE):
+                    row.state, row.finished_at = "failed", now
+                    row.note = "the controller stopped twice during this build; giving up (see the controller log)"
+                    action = "recompress.failed"
+                else:
+                    row.note = f"{RESTART_NOTE} (found building at {now.isoformat()})"
+                    action = "recompress.retry"
+                    if row.id is not None:
+                        retried.append(row.id)
+                row.updated_at = now
+                session.add(row)
+                self._audit(session, action, row.class_name, now, id=row.id, note=row.note)
+                log.warning("recompression %s of class %s: %s", row.id, row.class_name, row.note)
+        return retried
 
     def _built(self, recompression_id: int, result: BuildResult, now: dt.datetime) -> None:
         with self.db.transaction(f"recording the build of recompression {recompression_id}") as session:
@@ -265,10 +332,11 @@ class RecompressionLoop:
     def _finish(self, recompression_id: int, state: str, now: dt.datetime, *, note: str) -> None:
         with self.db.transaction(f"ending recompression {recompression_id}") as session:
             row = session.get(Recompression, recompression_id, with_for_update=True)
-            if row is None:
+            if row is None or row.state != "building":  # e.g. rejected while it was building
                 return
             row.state, row.note, row.updated_at, row.finished_at = state, note, now, now
             session.add(row)
+            self._audit(session, f"recompress.{state}", row.class_name, now, id=row.id, note=note)
 
     # ------------------------------------------------------------------ operator decisions
     def approve(self, recompression_id: int, *, actor: str | None = None) -> Recompression:

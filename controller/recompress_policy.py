@@ -10,7 +10,7 @@ Example class TOML::
     [policy]
     latency_windows = 3
     max_oom_rate = 0.05
-    speed_factor_tolerance = 0.3
+    speed_factor_tolerance = 0.3   # or false: no speed-factor trigger
     mode = "approve"        # or "auto": roll the new artifact out without asking
 """
 
@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlmodel import Session, col, select
 
 from edgefleet.controller.errors import ConfigError
@@ -33,7 +33,7 @@ from edgefleet.controller.tables import Artifact, DeploymentJob, TelemetryRollup
 from edgefleet.protocols.profile import DeviceProfile
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS
 
-__all__ = ["RecompressionPolicy", "Trigger", "detect", "load_policy"]
+__all__ = ["RecompressionPolicy", "Trigger", "detect", "load_policy", "parse_policy", "policy_of_file"]
 
 _NBUCKETS = len(LATENCY_BUCKETS_SECONDS) + 1
 MAX_POLICY_FILE_BYTES = 64 * 1024
@@ -56,9 +56,27 @@ class RecompressionPolicy(BaseModel):
     cooldown_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 3600.0
     mode: Literal["approve", "auto"] = "approve"
 
+    @field_validator("speed_factor_tolerance", mode="before")
+    @classmethod
+    def _false_is_off(cls, value: Any) -> Any:
+        """TOML has no null: `speed_factor_tolerance = false` turns the speed-factor trigger off."""
+        if value is False:
+            return None
+        if value is True:
+            raise ValueError("use a tolerance (e.g. 0.3) to turn it on, or false to turn it off")
+        return value
+
 
 def load_policy(path: Path) -> RecompressionPolicy:
     """The `[policy]` table of a class TOML; errors name the file and the field."""
+    found = policy_of_file(path)
+    if found is None:
+        raise ConfigError(f"{path}: no [policy] table")
+    return found
+
+
+def policy_of_file(path: Path) -> RecompressionPolicy | None:
+    """The `[policy]` table of a class TOML, or None when it has none; a broken table is a `ConfigError`."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -66,16 +84,24 @@ def load_policy(path: Path) -> RecompressionPolicy:
     if len(raw) > MAX_POLICY_FILE_BYTES:
         raise ConfigError(f"{path}: {len(raw)} bytes, more than {MAX_POLICY_FILE_BYTES}")
     try:
-        table = tomllib.loads(raw.decode("utf-8")).get("policy")
+        document = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    return parse_policy(document, source=str(path))
+
+
+def parse_policy(document: dict[str, Any], *, source: str = "<policy>") -> RecompressionPolicy | None:
+    """Validate the `[policy]` table of a parsed class TOML (None when absent); errors name the source and field."""
+    if "policy" not in document:
+        return None
+    table = document["policy"]
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: no [policy] table")
+        raise ConfigError(f"{source}: `policy` must be a table ([policy]), not a {type(table).__name__}")
     try:
         return RecompressionPolicy.model_validate(table)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: [policy] {problems}") from exc
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'policy'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{source}: [policy] {problems}") from exc
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -25,7 +25,8 @@ from sqlmodel import Session, col, func, select
 from edgefleet.controller.credentials import hash_secret, new_secret
 from edgefleet.controller.db import Database
 from edgefleet.controller.errors import ConflictError, NotFoundError, RegistryError
-from edgefleet.controller.tables import AuditEntry, Device, DeviceClass, Fleet, Model, utcnow
+from edgefleet.controller.recompress_policy import RecompressionPolicy
+from edgefleet.controller.tables import AuditEntry, ClassPolicy, Device, DeviceClass, Fleet, Model, utcnow
 from edgefleet.protocols.errors import TopicError
 from edgefleet.protocols.profile import DeviceProfile
 from edgefleet.protocols.topics import check_id
@@ -125,15 +126,60 @@ class Registry:
         return [(f, int(counts.get(f.name, 0))) for f in fleets]
 
     # ------------------------------------------------------------------ classes
-    def add_class(self, profile: DeviceProfile, *, name: str | None = None) -> DeviceClass:
+    def add_class(
+        self, profile: DeviceProfile, *, name: str | None = None, policy: RecompressionPolicy | None = None
+    ) -> DeviceClass:
+        """Add a class; `policy` (the `[policy]` table of its TOML) is stored with it in the same transaction."""
         class_name = check_name("class", name or profile.name)
         with self.db.transaction(f"adding class {class_name!r}") as session:
             if session.get(DeviceClass, class_name) is not None:
-                raise ConflictError(f"device class {class_name!r} already exists")
+                raise ConflictError(
+                    f"device class {class_name!r} already exists (change it with `edgefleet class update`)"
+                )
             row = DeviceClass(name=class_name, profile_json=profile.model_dump_json(), created_at=self.clock())
             session.add(row)
             self.audit(session, "class.add", class_name, profile=profile.model_dump(mode="json"))
+            if policy is not None:
+                session.flush()
+                self._set_policy(session, class_name, policy)
         return row
+
+    def update_class(
+        self, profile: DeviceProfile, *, name: str | None = None, policy: RecompressionPolicy | None = None
+    ) -> DeviceClass:
+        """Replace a class's profile and its recompression policy (None removes it), in one transaction.
+
+        The file is the truth: a speed factor the recompression loop learned from the field is replaced too.
+        """
+        class_name = check_name("class", name or profile.name)
+        with self.db.transaction(f"updating class {class_name!r}") as session:
+            row = session.get(DeviceClass, class_name, with_for_update=True)
+            if row is None:
+                raise NotFoundError(f"device class {class_name!r} does not exist (add it with `edgefleet class add`)")
+            was = json.loads(row.profile_json)
+            row.profile_json = profile.model_dump_json()
+            session.add(row)
+            self.audit(session, "class.update", class_name, profile=profile.model_dump(mode="json"), was=was)
+            if policy is not None:
+                self._set_policy(session, class_name, policy)
+            else:
+                stored = session.get(ClassPolicy, class_name)
+                if stored is not None:
+                    session.delete(stored)
+                    self.audit(session, "recompress.policy.remove", class_name)
+        return row
+
+    def _set_policy(self, session: Session, class_name: str, policy: RecompressionPolicy) -> None:
+        row = session.get(ClassPolicy, class_name) or ClassPolicy(class_name=class_name)
+        row.policy_json, row.updated_at = policy.model_dump_json(), self.clock()
+        session.add(row)
+        self.audit(session, "recompress.policy", class_name, policy=policy.model_dump())
+
+    def class_policy(self, name: str) -> RecompressionPolicy | None:
+        """The class's stored recompression policy, None when it has none."""
+        with self.db.reading(f"reading the policy of class {name!r}") as session:
+            row = session.get(ClassPolicy, name)
+        return RecompressionPolicy.model_validate_json(row.policy_json) if row is not None else None
 
     def list_classes(self) -> list[tuple[DeviceClass, int]]:
         with self.db.reading() as session:

@@ -245,7 +245,8 @@ class ScriptedFleet:
     def start(self) -> str:
         """Start the controller; returns its metrics target host:port."""
         settings = dataclasses.replace(load_settings(env=self.env), metrics_port=listen_port(), flush_interval_s=0.2)
-        self.app = ControllerApp(settings, rollout_interval_s=0.5)
+        # Its own recompression loop stays off: `propose_recompression` steps one with a stand-in builder.
+        self.app = ControllerApp(settings, rollout_interval_s=0.5, recompress=False)
         self.app.start()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"devices-{self.fleet}", protocol=MQTTProtocolVersion.MQTTv5
@@ -279,7 +280,7 @@ class ScriptedFleet:
             for device in RPI:
                 version = self.versions.get(device, 1)
                 payload = telemetry(
-                    seq, latencies=(0.0012, 0.0018, 0.004), labelled=3, correct=2, errors=1, version=version
+                    seq, latencies=(0.0012, 0.0018, 0.009), labelled=3, correct=2, errors=1, version=version
                 )
                 self.publish(telemetry_topic(self.fleet, device), payload)
             for device in (d for d in GATEWAYS if d not in self.offline):

@@ -67,6 +67,7 @@ class Agent:
         "_on_crash",
         "_runner",
         "_sessions",
+        "_tag",
         "_threads",
         "_watched",
         "_window_timer",
@@ -125,6 +126,7 @@ class Agent:
         )
         self.telemetry_window_s = config.telemetry_window_s
         self._runner: ModelRunner | None = None
+        self._tag: ModelTag | None = None
         # Set by a configure command; None: the profile's thread count, every label counted.
         self._threads: int | None = None
         self._label_rate = 1.0
@@ -260,6 +262,9 @@ class Agent:
         self.link.publish(self._topic(topics.TopicKind.BLOCK_REQUEST), encode(request), qos=1)
         return True
 
+    def input_pending(self) -> bool:
+        return self.link.input_pending()
+
     def watch_artifact(self, digest: str, *, on: bool) -> None:
         topic = self._artifact_topic(digest)
         watched = self._watched or set()
@@ -297,9 +302,20 @@ class Agent:
         if command.log_level is not None:
             logging.getLogger("edgefleet.agent").setLevel(command.log_level.upper())
 
-    def model_changed(self) -> None:
+    def model_changed(self, runner: ModelRunner | None = None) -> None:
+        """The active slot changed: the telemetry window so far is closed under the model it ran on, so no window
+        mixes two models' latencies and accuracy (the gates and triggers judge each model on its own windows);
+        `runner` is the new model's session when the caller has one loaded (validation), else it loads lazily."""
+        previous = self._tag
         with self._lock:
-            self._runner = None
+            self._runner = runner
+            self._tag = None
+        if self._window_timer is not None and self.alive and not self.telemetry.window_empty():
+            self._window_timer.cancel()
+            self.telemetry.close_window(self.wall(), model=previous, rss=rss_bytes())
+            self._window_timer = self.reactor.call_later(self.telemetry_window_s, self._close_window)
+        if runner is not None:
+            self.model_tag()
 
     # -- inference and telemetry ----------------------------------------------------------------------------------
     def runner(self) -> ModelRunner:
@@ -309,6 +325,7 @@ class Agent:
                 if current is None:
                     raise InferenceError(f"device {self.config.device_id} has no model yet; deploy one first")
                 self._runner = self.load_runner(current.model_path, current.digest)
+                self._tag = ModelTag(str(current.meta.get("model_name", "model")), current.digest, current.version)
             return self._runner
 
     def infer(self, x: Any, *, label: int | None = None) -> InferenceResult:
@@ -333,10 +350,13 @@ class Agent:
         return result
 
     def model_tag(self) -> ModelTag | None:
-        current = self.slots.current()
-        if current is None:
-            return None
-        return ModelTag(str(current.meta.get("model_name", "model")), current.digest, current.version)
+        """The active model's name, digest and version (read from its slot once per model change)."""
+        if self._tag is None:
+            current = self.slots.current()
+            if current is None:
+                return None
+            self._tag = ModelTag(str(current.meta.get("model_name", "model")), current.digest, current.version)
+        return self._tag
 
     def _close_window(self) -> None:
         if not self.alive:

@@ -3,6 +3,9 @@
 paho's `loop_start` runs a thread per client and `select()`s on 1,024 descriptors at most, which ends at about 339
 clients; here every socket is registered in one `selectors.DefaultSelector` (epoll on Linux) and every timer sits
 in one heap. Everything runs on the loop's thread; other threads hand work over with `call_soon_threadsafe`.
+`call_after_io` runs a callback once the loop has read what was waiting on its sockets: a timeout that fires
+while one turn of a busy loop (thousands of simulated devices) took longer than the timeout itself can look
+again after the data that did arrive has been read, instead of taking "not read yet" for "nothing came".
 
 Example::
 
@@ -60,6 +63,7 @@ class Reactor:
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._pending: deque[Callable[[], None]] = deque()
+        self._after_io: list[Timer] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)  # noqa: FBT003
         self._wake_w.setblocking(False)  # noqa: FBT003
@@ -87,6 +91,16 @@ class Reactor:
         timer = Timer(self.clock() + max(0.0, delay), callback)
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
+
+    def call_after_io(self, callback: Callable[[], None]) -> Timer:
+        """Run `callback` (on the loop's thread) after the loop's next look at its sockets; cancellable."""
+        timer = Timer(self.clock(), callback)
+        self._after_io.append(timer)
+        return timer
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` on the next turn of the loop (from the loop's own thread)."""
+        self._pending.append(callback)
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         """Run `callback` on the loop's thread soon (safe from any thread)."""
@@ -121,7 +135,8 @@ class Reactor:
         wait = max_wait
         if self._timers:
             wait = min(wait, max(0.0, self._timers[0][0] - self.clock()))
-        if self._pending:
+        after_io, self._after_io = self._after_io, []
+        if self._pending or after_io:
             wait = 0.0
         for key, events in self._selector.select(wait):
             handler = key.data
@@ -136,6 +151,9 @@ class Reactor:
                 self._call(handler.handle_read)
             if events & selectors.EVENT_WRITE:
                 self._call(handler.handle_write)
+        for timer in after_io:
+            if not timer.cancelled:
+                self._call(timer.callback)
 
     def run(self, *, until: Callable[[], bool] | None = None, timeout: float | None = None) -> bool:
         """Run until `until()` is true (True), `timeout` passes or `stop()` is called (False)."""

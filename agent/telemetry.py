@@ -98,6 +98,12 @@ class TelemetryReporter:
         with self._lock:
             self._current().record_error(kind.value)
 
+    def window_empty(self) -> bool:
+        """True while the current window has counted nothing (no inference, no error)."""
+        with self._lock:
+            window = self._window
+            return window is None or window.empty
+
     def close_window(self, now: datetime, *, model: ModelTag | None, rss: int | None) -> TelemetryBatch:
         """Close the current window, send it (or queue it on disk) and start the next one."""
         with self._lock:

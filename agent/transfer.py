@@ -2,9 +2,13 @@
 
 Every wait has a timeout. When no new block arrives for `timeout_s`, the missing blocks are requested again and
 the timeout doubles (up to `timeout_max_s`); after `max_attempts` quiet periods in a row the transfer fails with
-`ResultCode.CONNECTION_LOST` instead of hanging. Any good block resets the count. A block that does not match
-its manifest hash is refused, never written, and asked for again at once; a block that keeps arriving bad
-(`max_bad_block` times) fails the transfer with `INTEGRITY_FAILURE` (the server's copy is not the signed one).
+`ResultCode.CONNECTION_LOST` instead of hanging. Any good block resets the count. A quiet period is judged only
+after the loop has read what was waiting on its sockets (`Reactor.call_after_io`), and while `input_pending()` says
+bytes still wait unread on the connection, it is not silence: on a loop shared by thousands of simulated devices
+one turn can outlast the timeout, and asking again for blocks sitting in the socket makes the server send them
+twice. A block that does not match its manifest hash is refused, never written, and asked for again at once; a
+block that keeps arriving bad (`max_bad_block` times) fails the transfer with `INTEGRITY_FAILURE` (the server's
+copy is not the signed one).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Fetcher:
         on_complete: Callable[[], None],
         on_fail: Callable[[ResultCode, str], None],
         on_progress: Callable[[int, int], None] | None = None,
+        input_pending: Callable[[], bool] | None = None,
         timeout_s: float = 2.0,
         timeout_max_s: float = 16.0,
         max_attempts: int = 6,
@@ -46,6 +51,7 @@ class Fetcher:
         self._on_complete = on_complete
         self._on_fail = on_fail
         self._on_progress = on_progress
+        self._input_pending = input_pending
         self._timeout_s = timeout_s
         self._timeout_max_s = timeout_max_s
         self._max_attempts = max_attempts
@@ -97,9 +103,27 @@ class Fetcher:
         self._timer = None
         if self.done:
             return
+        if self._waited_enough():
+            # looks quiet; decide once the loop has read what is waiting (a busy loop may not have looked yet)
+            self._timer = self.reactor.call_after_io(self._on_quiet)
+
+    def _waited_enough(self) -> bool:
         quiet = self.reactor.clock() - self._last_progress
         if quiet < self._current_timeout():  # blocks arrived since the timer was armed: wait the rest
             self._timer = self.reactor.call_later(self._current_timeout() - quiet, self._on_timer)
+            return False
+        return True
+
+    def _on_quiet(self) -> None:
+        self._timer = None
+        if self.done or not self._waited_enough():
+            return
+        quiet = self.reactor.clock() - self._last_progress
+        patience = self._current_timeout() + self._timeout_max_s  # so that even a stream of other bytes ends
+        if self._input_pending is not None and quiet < patience and self._input_pending():
+            # bytes wait on our connection that the loop has not read yet (it was busy, or they just came):
+            # that is not silence; look again after the loop's next pass
+            self._timer = self.reactor.call_after_io(self._on_quiet)
             return
         self._attempts += 1
         if self._attempts >= self._max_attempts:

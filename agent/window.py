@@ -63,6 +63,10 @@ class Window:
         self.correct = 0
         self.confidence_sum = 0.0
 
+    @property
+    def empty(self) -> bool:
+        return self.inferences == 0 and not self._errors
+
     def record(self, *, latency_s: float, confidence: float, correct: bool | None = None) -> None:
         """One inference; `correct` is None when the sample had no label."""
         self._counts[bisect.bisect_left(self._buckets, latency_s)] += 1

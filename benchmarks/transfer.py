@@ -2,21 +2,26 @@
 
 In one run, on a managed Mosquitto (edgefleet's tuned settings) on 127.0.0.1:
 
-1. raw: a paho publisher (`loop_start`) sends the artifact in block-sized QoS 0 chunks to a paho subscriber;
-   the clock runs from the first publish to the last chunk received. This is what a user would write by hand.
-2. edgefleet, one device: the controller's `BlockServer` and one `Agent` (durable, fsyncs per stretch, as on a real
-   device; and non-durable, as simulated devices run); the clock runs from the deploy command to the download
-   being complete on disk, every block checked against the signed manifest.
+1. raw: a paho publisher (`loop_start`, in a process of its own) sends the artifact in block-sized QoS 0 chunks
+   to a paho subscriber in this process; the clock runs from the first publish to the last chunk received. This is
+   what a user would write by hand.
+2. edgefleet, one device: the controller's `BlockServer` on the controller's `MqttClient` (in a process of its
+   own, as a controller runs apart from its devices) and one `Agent` here (durable, fsyncs per stretch, as on a
+   real device; and non-durable, as simulated devices run); the clock runs from the deploy command to the last
+   block on disk, every block checked against the signed manifest. Both at each `--block-kib` size.
 3. N simulated devices (100 and 1,000, one process, one selector loop) fetch the same 1 MB artifact at once:
    time until all hold it, until all run it, and bytes the controller published divided by the artifact size.
 
-    .venv/bin/python benchmarks/transfer.py [--size-mb 8] [--repeats 3] [--fleet-sizes 100,1000]
+    .venv/bin/python benchmarks/transfer.py [--size-mb 32] [--repeats 5] [--block-kib 32,128] [--fleet-sizes 100,1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -24,7 +29,9 @@ import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -37,11 +44,13 @@ from _report import write_section
 
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.mqtt import MqttLink
+from edgefleet.agent.machine import Event
 from edgefleet.agent.reactor import Reactor
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
+from edgefleet.agent.updater import Updater
 from edgefleet.controller.blockserver import BlockServer
 from edgefleet.controller.mosquitto import ManagedMosquitto
+from edgefleet.controller.mqtt import MqttClient
 from edgefleet.protocols import topics
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.commands import DeployCommand
@@ -51,6 +60,8 @@ from edgefleet.protocols.profile import DeviceProfile
 from edgefleet.protocols.signing import generate_keypair, key_id, sign_manifest
 
 FLEET = "bench"
+ACK_EVERY = 8  # as BlockServing: one QoS 1 block in 8 carries the acknowledgement for the others
+_SPAWN = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads forked half-way
 BLOCK = 32 * 1024
 # Simulated devices keep their data in RAM where it can: on ext4 each rename-over (state file, bitmap) flushes
 # data (auto_da_alloc) and costs ~1 ms, which would measure the disk of one host, not the transfer.
@@ -124,14 +135,29 @@ def signed_manifest(model: bytes, private: bytes, public: bytes, *, block_size: 
 
 
 # ------------------------------------------------------------------------------------------------ raw paho
-def raw_paho_seconds(host: str, port: int, data: bytes, chunk: int) -> float:
+def _raw_publisher(conn: Connection, host: str, port: int, path: str, chunk: int) -> None:
+    """The raw sender, in a process of its own (as the controller is): publishes the chunks when told "go"."""
+    data = Path(path).read_bytes()
     chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=MQTTProtocolVersion.MQTTv5)
+    pub.connect(host, port)
+    pub.loop_start()
+    conn.send("ready")
+    while conn.recv() == "go":
+        for payload in chunks:
+            pub.publish("raw/chunks", payload, qos=0)
+    pub.disconnect()
+    pub.loop_stop()
+
+
+def raw_paho_seconds(host: str, port: int, path: Path, chunk: int) -> float:
+    count = -(-path.stat().st_size // chunk)
     done = threading.Event()
     received = [0]
 
     def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         received[0] += 1
-        if received[0] == len(chunks):
+        if received[0] == count:
             done.set()
 
     subscribed = threading.Event()
@@ -141,56 +167,53 @@ def raw_paho_seconds(host: str, port: int, data: bytes, chunk: int) -> float:
     sub.connect(host, port)
     sub.subscribe("raw/chunks", qos=0)
     sub.loop_start()
-    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=MQTTProtocolVersion.MQTTv5)
-    pub.connect(host, port)
-    pub.loop_start()
-    subscribed.wait(5)
-    start = time.perf_counter()
-    for payload in chunks:
-        pub.publish("raw/chunks", payload, qos=0)
-    ok = done.wait(60)
-    elapsed = time.perf_counter() - start
-    for client in (pub, sub):
-        client.disconnect()
-        client.loop_stop()
+    conn, child = _SPAWN.Pipe()
+    process = _SPAWN.Process(target=_raw_publisher, args=(child, host, port, str(path), chunk), daemon=True)
+    process.start()
+    try:
+        if not (conn.poll(60) and conn.recv() == "ready" and subscribed.wait(5)):
+            raise RuntimeError("raw paho: the publisher or the subscription did not come up")
+        start = time.perf_counter()
+        conn.send("go")
+        ok = done.wait(60)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.send("stop")
+        process.join(10)
+        sub.disconnect()
+        sub.loop_stop()
     if not ok:
-        raise RuntimeError(f"raw paho: only {received[0]}/{len(chunks)} chunks arrived")
+        raise RuntimeError(f"raw paho: only {received[0]}/{count} chunks arrived")
     return elapsed
 
 
-# ------------------------------------------------------------------------------------------------ edgefleet
 class Controller:
-    """The BlockServer on an MqttLink with a loop (and thread) of its own, as the controller is its own process."""
+    """The controller's own block path: a `BlockServer` on its sending thread, publishing through the controller's
+    `MqttClient` (paho's network thread) with QoS 1 and a real in-flight window, as `BlockServing` wires it."""
 
     def __init__(self, host: str, port: int, artifacts: dict[str, Path], **server: object) -> None:
-        self.reactor = reactor = Reactor()
-        self.server = BlockServer(
-            lambda topic, payload, qos: self.link.publish(topic, payload, qos=qos),
-            artifacts.get,
-            clock=reactor.clock,
-            **server,  # type: ignore[arg-type]
-        )
-        self.link = MqttLink(
-            reactor,
-            client_id=f"bench-ctl-{time.monotonic_ns()}",
+        self.client = MqttClient(
             host=host,
             port=port,
+            client_id=f"bench-ctl-{time.monotonic_ns()}",
             on_message=self._on_message,
-            on_connect=lambda _p: self.link.subscribe(topics.controller_filters(FLEET)),
-            on_publish=self.server.on_published,
+            subscriptions=topics.controller_filters(FLEET),
             session_expiry_s=0,
-            max_inflight=1000,
         )
-        self.link.connect()
-        reactor.run(until=lambda: self.link.connected, timeout=10)
-        reactor.run(timeout=0.2)
-        self._pump()
-        self._thread = threading.Thread(target=reactor.run, name="bench-controller", daemon=True)
-        self._thread.start()
+        self.server = BlockServer(
+            self._publish,
+            artifacts.get,
+            **{"qos": 1, "ack_every": ACK_EVERY, **server},  # type: ignore[arg-type]
+        )
+        self.client.connect(timeout=10)
+        time.sleep(0.2)  # the SUBACK
+        self.server.start()
 
-    def _pump(self) -> None:
-        wait = self.server.pump()
-        self.reactor.call_later(min(max(wait, 0.0005), 0.01), self._pump)
+    def _publish(self, topic: str, payload: bytes, qos: int) -> int | None:
+        if self.server.tracks(qos):
+            return self.client.publish_tracked(topic, payload, qos=qos, on_done=self.server.on_published)
+        self.client.publish(topic, payload, qos=qos, timeout=None)
+        return None
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topics.parse_topic(topic).kind is topics.TopicKind.BLOCK_REQUEST:
@@ -199,20 +222,52 @@ class Controller:
     def deploy(self, devices: list[str], signed: SignedManifest, job: str) -> None:
         now = datetime.now(UTC)
         command = encode(DeployCommand(job_id=job, issued_at=now, expires_at=now + timedelta(hours=1), manifest=signed))
-
-        def send() -> None:
-            for device in devices:
-                self.link.publish(topics.command_topic(FLEET, device), command, qos=1)
-
-        self.reactor.call_soon_threadsafe(send)
+        for device in devices:
+            self.client.publish(topics.command_topic(FLEET, device), command, qos=1, timeout=None)
 
     def close(self) -> None:
-        self.reactor.call_soon_threadsafe(self.link.disconnect)
-        time.sleep(0.1)
-        self.reactor.stop()
-        self._thread.join(timeout=5)
-        self.link.close()
-        self.reactor.close()
+        self.server.stop()
+        self.client.close()
+
+
+def _controller_process(
+    conn: Connection, host: str, port: int, artifacts: dict[str, str], server: dict[str, Any]
+) -> None:
+    controller = Controller(host, port, {k: Path(v) for k, v in artifacts.items()}, **server)
+    conn.send("ready")
+    while True:
+        message = conn.recv()
+        if message[0] == "deploy":
+            controller.deploy(*message[1:])
+        else:
+            controller.close()
+            conn.send(dataclasses.asdict(controller.server.stats))
+            return
+
+
+class RemoteController:
+    """A `Controller` in a process of its own, as a controller runs apart from its devices (no shared GIL)."""
+
+    def __init__(self, host: str, port: int, artifacts: dict[str, Path], **server: Any) -> None:
+        self._conn, child = _SPAWN.Pipe()
+        paths = {k: str(v) for k, v in artifacts.items()}
+        self._process = _SPAWN.Process(target=_controller_process, args=(child, host, port, paths, server), daemon=True)
+        self._process.start()
+        if not (self._conn.poll(60) and self._conn.recv() == "ready"):
+            self._process.kill()
+            raise RuntimeError("the controller process did not come up")
+
+    def deploy(self, devices: list[str], signed: SignedManifest, job: str) -> None:
+        self._conn.send(("deploy", devices, signed, job))
+
+    def close(self) -> dict[str, int]:
+        """Stop it; the block server's counters."""
+        self._conn.send(("stop",))
+        stats: dict[str, int] = self._conn.recv() if self._conn.poll(30) else {}
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+        return stats
 
 
 def downloaded(agent: Agent) -> bool:
@@ -220,21 +275,37 @@ def downloaded(agent: Agent) -> bool:
 
 
 def one_device_seconds(host: str, port: int, model: Path, signed: SignedManifest, keys: dict[str, bytes],
-                       *, durable: bool, workdir: Path) -> float:  # fmt: skip
+                       *, durable: bool, workdir: Path, block_size: int = BLOCK) -> float:  # fmt: skip
     reactor = Reactor()
     # one device: no one to wait for, so no coalescing wait (the default 0.5 s quiet time is latency, not throughput)
-    controller = Controller(host, port, {signed.manifest.sha256: model}, rate_limit_bytes_per_s=None, coalesce_s=0.0)
-    config = AgentConfig(fleet=FLEET, device_id=f"one-{time.monotonic_ns()}", profile=profile(), data_dir=workdir,
+    controller = RemoteController(
+        host, port, {signed.manifest.sha256: model}, rate_limit_bytes_per_s=None, coalesce_s=0.0
+    )
+    config = AgentConfig(fleet=FLEET, device_id=f"one-{time.monotonic_ns()}", profile=profile(block_size),
+                         data_dir=workdir,
                          host=host, port=port, trusted_keys=keys, durable=durable, telemetry_window_s=3600)  # fmt: skip
     agent = Agent(config, reactor=reactor)
     agent.start()
     reactor.run(until=lambda: agent.link.connected, timeout=10)
     reactor.run(timeout=0.2)
+    # the clock stops when the last block is on disk (the move to verifying), not when the loop next looks
+    done_at: list[float] = []
+    move = Updater.move
+
+    def timed_move(self: Updater, event: Event, **kwargs: Any) -> None:
+        if self is agent.updater and event is Event.DOWNLOADED and not done_at:
+            done_at.append(time.perf_counter())
+        move(self, event, **kwargs)
+
+    Updater.move = timed_move  # type: ignore[method-assign]
     start = time.perf_counter()
     controller.deploy([config.device_id], signed, "job-one")
-    if not reactor.run(until=lambda: downloaded(agent), timeout=120):
-        raise RuntimeError("edgefleet single-device transfer did not finish in 120 s")
-    elapsed = time.perf_counter() - start
+    try:
+        if not reactor.run(until=lambda: downloaded(agent), timeout=120) or not done_at:
+            raise RuntimeError("edgefleet single-device transfer did not finish in 120 s")
+    finally:
+        Updater.move = move  # type: ignore[method-assign]
+    elapsed = done_at[0] - start
     reactor.run(until=lambda: agent.updater.record.state.value == "active", timeout=30)
     agent.stop()
     controller.close()
@@ -245,9 +316,29 @@ def one_device_seconds(host: str, port: int, model: Path, signed: SignedManifest
 
 def fleet_run(host: str, port: int, n: int, *, model: Path, signed: SignedManifest, keys: dict[str, bytes],
               workdir: Path, coalesce_s: float, coalesce_max_s: float,
-              holdoff_s: float) -> dict[str, float]:  # fmt: skip
+              holdoff_s: float, busy_ms: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """`busy_ms`: extra time each simulated device's loop spends per block message (a busier, slower host)."""
+    handle = Agent._on_message
+
+    def busy_on_message(agent: Agent, topic: str, payload: bytes) -> None:
+        time.sleep(busy_ms / 1000)
+        handle(agent, topic, payload)
+
+    if busy_ms > 0:
+        Agent._on_message = busy_on_message  # type: ignore[method-assign,assignment]
+    try:
+        return _fleet_run(host, port, n, model=model, signed=signed, keys=keys, workdir=workdir,
+                          coalesce_s=coalesce_s, coalesce_max_s=coalesce_max_s, holdoff_s=holdoff_s) | {
+            "busy_ms": busy_ms}  # fmt: skip
+    finally:
+        Agent._on_message = handle  # type: ignore[method-assign]
+
+
+def _fleet_run(host: str, port: int, n: int, *, model: Path, signed: SignedManifest, keys: dict[str, bytes],
+               workdir: Path, coalesce_s: float, coalesce_max_s: float,
+               holdoff_s: float) -> dict[str, float]:  # fmt: skip
     reactor = Reactor()
-    controller = Controller(
+    controller = RemoteController(
         host, port, {signed.manifest.sha256: model},
         rate_limit_bytes_per_s=None, max_inflight=64, coalesce_s=coalesce_s, coalesce_max_s=coalesce_max_s,
         resend_holdoff_s=holdoff_s,
@@ -266,39 +357,72 @@ def fleet_run(host: str, port: int, n: int, *, model: Path, signed: SignedManife
     t_have = time.perf_counter() - start
     sim.run(duration=120, until=lambda: all(a.updater.record.state.value == "active" for a in sim.agents))
     t_active = time.perf_counter() - start
-    stats = controller.server.stats
+    active = sum(a.updater.record.state.value == "active" for a in sim.agents)
+    sim.stop()
+    stats = controller.close()
     result = {
         "devices": n,
         "holdoff_s": holdoff_s,
         "complete": float(ok),
         "all_have_s": t_have,
         "all_active_s": t_active,
-        "published_ratio": stats.bytes_sent / signed.manifest.size_bytes,
-        "requests": stats.requests,
-        "active": sum(a.updater.record.state.value == "active" for a in sim.agents),
+        "published_ratio": stats["bytes_sent"] / signed.manifest.size_bytes,
+        "requests": stats["requests"],
+        "held_back": stats["held_back"],
+        "late_resends": stats["late_resends"],
+        "active": active,
     }
-    sim.stop()
-    controller.close()
     reactor.close()
     return result
 
 
+def _one_device_rows(results: dict[str, list[float]], block_kib: int, mb: float) -> tuple[list[str], float]:
+    raw = statistics.median(results["raw"])
+    spread = {k: f"{min(v):.3f}-{max(v):.3f}" for k, v in results.items()}
+    rows = [f"| {block_kib} KiB | raw paho, QoS 0 chunks | {raw:.3f} | {spread['raw']} | {mb / raw:.1f} | 100% |"]
+    ratio = 0.0
+    for key, label in (("durable", "durable: fsync per 0.25 s stretch"), ("simulated", "simulated: no fsync")):
+        t = statistics.median(results[key])
+        ratio = max(ratio, raw / t) if key == "simulated" else ratio
+        rows.append(
+            f"| {block_kib} KiB | edgefleet, one device ({label}) | {t:.3f} | {spread[key]} | {mb / t:.1f} | "
+            f"{raw / t:.0%} |"
+        )
+    return rows, ratio
+
+
+def _fleet_label(f: dict[str, float]) -> str:
+    busy = f" (+{f['busy_ms']:g} ms/block)" if f.get("busy_ms") else ""
+    return f"{int(f['devices'])}{busy}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=float, default=8.0, help="artifact size for the one-device comparison")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size-mb", type=float, default=32.0, help="artifact size for the one-device comparison")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--block-kib", default="32,128", help="block (and raw chunk) sizes for the one-device runs")
     parser.add_argument("--fleet-sizes", default="100,1000")
     parser.add_argument("--coalesce-ms", type=float, default=3000.0, help="block server: quiet time before sending")
     parser.add_argument("--coalesce-max-s", type=float, default=30.0, help="block server: longest wait to send")
     parser.add_argument("--holdoff-s", default="3,30", help="block server resend holdoffs to compare (seconds)")
+    parser.add_argument(
+        "--busy-ms",
+        type=float,
+        default=0.5,
+        help="one more run of the largest fleet, each device's loop this much "
+        "slower per block (a loaded host); 0: none",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     sizes = [int(s) for s in args.fleet_sizes.split(",") if s]
     holdoffs = [float(h) for h in args.holdoff_s.split(",") if h]
+    block_sizes = [int(k) * 1024 for k in args.block_kib.split(",") if k]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * max([*sizes, 1]) + 1024)), hard))
     private, public = generate_keypair()
     keys = {key_id(public): public}
+    load_before = os.getloadavg()
+    one: dict[int, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp_name, tempfile.TemporaryDirectory(dir=SHM) as ram_name:
         tmp, ram = Path(tmp_name), Path(ram_name)
         broker = ManagedMosquitto(tmp / "mosquitto", extra_config=["max_connections -1"])
@@ -308,23 +432,26 @@ def main() -> None:
             big = padded_model(size)
             big_path = tmp / "big.onnx"
             big_path.write_bytes(big)
-            big_signed = signed_manifest(big, private, public)
-            raw = [raw_paho_seconds(broker.host, broker.port, big, BLOCK) for _ in range(args.repeats)]
-            ours = {
-                durable: [
-                    one_device_seconds(
-                        broker.host,
-                        broker.port,
-                        big_path,
-                        big_signed,
-                        keys,
-                        durable=durable,
-                        workdir=tmp / f"one-{durable}-{i}",
-                    )
-                    for i in range(args.repeats)
-                ]
-                for durable in (True, False)
-            }
+            for block in block_sizes:
+                signed = signed_manifest(big, private, public, block_size=block)
+                runs: dict[str, list[float]] = {"raw": [], "durable": [], "simulated": []}
+                for i in range(args.repeats):  # interleaved, so a busy spell on the host hits all three alike
+                    runs["raw"].append(raw_paho_seconds(broker.host, broker.port, big_path, block))
+                    for key in ("durable", "simulated"):
+                        runs[key].append(
+                            one_device_seconds(
+                                broker.host,
+                                broker.port,
+                                big_path,
+                                signed,
+                                keys,
+                                durable=key == "durable",
+                                workdir=tmp / f"one-{block}-{key}-{i}",
+                                block_size=block,
+                            )
+                        )
+                one[block] = runs
+            load_mid = os.getloadavg()
             small = padded_model(2**20, seed=1)
             small_path = tmp / "small.onnx"
             small_path.write_bytes(small)
@@ -345,37 +472,79 @@ def main() -> None:
                 for n in sizes
                 for holdoff in holdoffs
             ]
+            if args.busy_ms > 0 and sizes:
+                fleets.append(
+                    fleet_run(
+                        broker.host,
+                        broker.port,
+                        max(sizes),
+                        model=small_path,
+                        signed=small_signed,
+                        keys=keys,
+                        workdir=ram / "fleet-busy",
+                        coalesce_s=args.coalesce_ms / 1000,
+                        coalesce_max_s=args.coalesce_max_s,
+                        holdoff_s=holdoffs[0],
+                        busy_ms=args.busy_ms,
+                    )
+                )
         finally:
             broker.stop()
+    load_after = os.getloadavg()
     mb = size / 2**20
-    raw_tp = mb / statistics.median(raw)
-    rows = [f"| raw paho, {BLOCK // 1024} KiB QoS 0 chunks | {statistics.median(raw):.3f} | {raw_tp:.1f} | 100% |"]
-    for durable, label in ((True, "durable: fsync per 0.25 s stretch"), (False, "simulated: no fsync")):
-        t = statistics.median(ours[durable])
-        rows.append(f"| edgefleet, one device ({label}) | {t:.3f} | {mb / t:.1f} | {mb / t / raw_tp:.0%} |")
+    rows: list[str] = []
+    verdicts: list[str] = []
+    for block, runs in one.items():
+        block_rows, ratio = _one_device_rows(runs, block // 1024, mb)
+        rows += block_rows
+        met = "met" if ratio >= 0.5 else "NOT met"
+        verdicts.append(f"{block // 1024} KiB blocks: {ratio:.0%} of raw ({met})")
     fleet_rows = [
-        f"| {int(f['devices'])} | {f['holdoff_s']:.0f} | {int(f['active'])}/{int(f['devices'])} | "
-        f"{f['all_have_s']:.2f} | "
-        f"{f['all_active_s']:.2f} | {f['published_ratio']:.2f} | {int(f['requests'])} |"
+        f"| {_fleet_label(f)} | {f['holdoff_s']:.0f} | {int(f['active'])}/{int(f['devices'])} | "
+        f"{f['all_have_s']:.2f} | {f['all_active_s']:.2f} | **{f['published_ratio']:.2f}** | {int(f['requests'])} | "
+        f"{int(f['held_back'])} | {int(f['late_resends'])} |"
         for f in fleets
     ]
+    worst = max((f["published_ratio"] for f in fleets), default=0.0)
     body = (
-        f"One device: an {mb:.0f} MiB artifact in {BLOCK // 1024} KiB blocks, median of {args.repeats} runs; "
-        "edgefleet's clock runs from the deploy command to the verified download on disk, with the block server's "
-        "coalescing wait set to 0 (target: at least 50% of raw).\n\n"
-        "| transfer | seconds | MiB/s | of raw |\n|---|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
+        f"One device ({mb:.0f} MiB artifact), median of {args.repeats} runs, raw and edgefleet runs interleaved. "
+        "The sender runs in a process of its own in both cases (raw: a paho publisher with `loop_start`; edgefleet: "
+        "the controller's `MqttClient` and `BlockServer`: a 64-block in-flight window, one block in 8 sent with QoS 1 "
+        "to carry the broker's acknowledgement), "
+        "the receiver in this process. Raw's clock runs from the first publish to the last chunk received; "
+        "edgefleet's from the deploy command to the last block verified (per-block manifest hash) and on disk, "
+        "with the block server's coalescing wait set to 0 (target: at least 50% of raw).\n\n"
+        "| block | transfer | seconds (median) | runs (s) | MiB/s | of raw |\n|---|---|---:|---:|---:|---:|\n"
+        + "\n".join(rows)
+        + "\n\n"
+        f"One device, simulated (no fsync), ratio of medians: {'; '.join(verdicts)}. Each block costs edgefleet "
+        "a fixed ~0.1 ms of Python at each end (paho's packet handling on both; the read, header and sha256 and "
+        "the occasional acknowledgement on the controller; the topic and header checks, the sha256 against the "
+        "manifest and the write on the device) where the raw subscriber only counts: larger blocks spread it over "
+        "more bytes. The artifact is large enough for the transfer itself to dominate: the fixed start (the deploy "
+        "command handled, its state persisted, the first request) is ~4 ms, and with an 8 MiB artifact (~20 ms "
+        "raw) the ratio moved between 45% and 70% from run to run on this shared 2-CPU host (three runs of this "
+        "code on 2026-11-29: 32 KiB 45%, 57%, 55%; 128 KiB 54%, 70%, 45%).\n\n"
         f"Many devices (one process, one selector loop, data in {SHM or 'the temp dir'}) fetching the same 1 MiB "
-        f"artifact; the block server starts once requests have been quiet for {args.coalesce_ms:.0f} ms (at most "
-        f"{args.coalesce_max_s:.0f} s), no rate limit. Published/size counts every byte the "
-        "controller sent, block headers included (target: at most 1.2, not N).\n\n"
+        f"artifact in {BLOCK // 1024} KiB blocks; the controller in a process of its own; the block server starts "
+        f"once requests have been quiet for {args.coalesce_ms:.0f} ms (at most {args.coalesce_max_s:.0f} s), no "
+        "rate limit. Published/size counts every byte the controller sent, block headers included (target: at most "
+        "1.2, not N). Held back: block asks not acted on (the block was already queued, or sent to that device "
+        "within the holdoff); late resends: blocks sent again at once for a device that asked first after they "
+        "went out. The last row repeats the largest fleet with each simulated device's loop slowed by the given time "
+        "per block message (a loaded host: the case where devices used to ask again for blocks still on their "
+        "way).\n\n"
         "| devices | resend holdoff (s) | active | all hold it (s) | all active (s) | published / size "
-        "| block requests |\n|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(fleet_rows) + "\n\n"
-        "All simulated devices share one Python thread: 1,000 of them take seconds to handle their deploy "
-        "commands (so their requests trickle in) and tens of seconds to drain one pass of blocks (so they ask "
-        "again, after 5 s without a new block, for blocks still on their way). The block server skips a block "
-        "asked for again within the resend holdoff of its last send. At 100 devices one pass serves all; at "
-        "1,000 in one process the target is missed (2-2.6 here; an earlier run with the same 3 s quiet time and "
-        "30 s holdoff reached 1.00), which measures the simulator's single thread as much as the server.\n"
+        "| block requests | held back | late resends |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        + "\n".join(fleet_rows)
+        + "\n\n"
+        f"Worst published/size: {worst:.2f} ({'met' if worst <= 1.2 else 'NOT met'}). A device asks again only "
+        "after its quiet timeout has passed, the loop has read what was waiting on the sockets and nothing is "
+        "left unread on its own connection (`Fetcher`), so a loop that is merely busy (1,000 devices in one Python "
+        "thread) does not re-request blocks that are on their way; and the server does not resend a block to a "
+        "device that was listening when it went out until the holdoff has passed.\n\n"
+        f"Load average (1 min) before / after the one-device runs / at the end: {load_before[0]:.1f} / "
+        f"{load_mid[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} CPUs shared with other jobs.\n"
     )
     print(body)
     if not args.no_write:

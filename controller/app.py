@@ -77,8 +77,10 @@ class BlockServing:
 
     The hook is called on paho's thread with (device id, class, request); the server sends from its own thread.
     Bytes are counted per device class of the artifact (the class of the devices asking for it).
-    `MqttClient.publish` gives no message id back, so the server's in-flight window is not used here: its rate
-    limit alone bounds what is handed to the client (QoS 0 blocks; a lost block is asked for again).
+    Blocks go to the broker with QoS 1 (`MqttClient.publish_tracked`; devices subscribe with QoS 0): the server's
+    rate limit bounds the bytes per second and its in-flight window (`max_inflight`, never above the client's own
+    limit) the blocks the broker has not acknowledged yet; every `ack_every`-th block carries the acknowledgement
+    for those before it (the others go with QoS 0, see `BlockServer`).
     """
 
     def __init__(
@@ -89,11 +91,20 @@ class BlockServing:
         metrics: ControllerMetrics,
         fleet_of: Callable[[str], str | None],
         rate_limit_bytes_per_s: float | None = 20e6,
+        max_inflight: int = 64,
+        ack_every: int = 8,
     ) -> None:
         self.mqtt = mqtt
         self.metrics = metrics
         self.fleet_of = fleet_of
-        self.server = BlockServer(self._publish, store.path_for_sha256, rate_limit_bytes_per_s=rate_limit_bytes_per_s)
+        self.server = BlockServer(
+            self._publish,
+            store.path_for_sha256,
+            rate_limit_bytes_per_s=rate_limit_bytes_per_s,
+            max_inflight=max(1, min(max_inflight, mqtt.max_inflight or max_inflight)),  # 0: paho unlimited
+            qos=1,
+            ack_every=ack_every,
+        )
         self._class_of_topic: dict[str, str] = {}
         self.publish_errors = 0
 
@@ -111,13 +122,17 @@ class BlockServing:
         # Runs on the server's thread: an exception here would end it, so a failed publish is counted and dropped
         # (the device asks again after its timeout).
         try:
-            self.mqtt.publish(topic, payload, qos=qos, timeout=None)
+            if self.server.tracks(qos):
+                mid = self.mqtt.publish_tracked(topic, payload, qos=qos, on_done=self.server.on_published)
+            else:  # covered by the next marker's acknowledgement
+                mid = None
+                self.mqtt.publish(topic, payload, qos=qos, timeout=None)
         except MqttError as exc:
             self.publish_errors += 1
             log.debug("block publish to %s failed: %s", topic, exc)
             return None
         self.metrics.bytes_served(self._class_of_topic.get(topic, "unknown"), len(payload))
-        return None
+        return mid
 
     def start(self) -> None:
         self.server.start()

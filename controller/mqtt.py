@@ -14,7 +14,15 @@ Example::
                         on_message=service.handle, subscriptions=controller_filters("default"))
     client.connect(timeout=10)
     client.publish(topic, payload, qos=1, expiry_s=3600)
+    mid = client.publish_tracked(topic, payload, qos=1, on_done=window.release)   # no wait; None: untracked
     client.close()
+
+`publish_tracked` is for senders that bound their own unacknowledged output (the block server's in-flight
+window): `on_done(mid)` runs on paho's thread (holding no lock of ours) once the broker acknowledged the message
+(QoS 1) or it was written to the socket (QoS 0), exactly once per tracked publish while the client lives. A QoS 0
+message that paho drops on a reconnect is reported done at the next connect (it will never be written); a QoS 1
+message is sent again by paho and reported when acknowledged. Registration happens under paho's own out-message
+lock, so an acknowledgement that races the return of `publish` still finds its callback.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ _READ_AHEAD = 65536
 _MAX_BATCH = 1000
 _PUBACK = 0x40
 _UNSUPPORTED_PROTOCOL = 132  # CONNACK reason "Unsupported Protocol Version" (MQTT 5); 1 in MQTT 3.1.1
+MAX_MID = 65535  # MQTT packet identifiers are 16-bit: at most this many QoS > 0 messages unacknowledged at once
+DoneCallback = Callable[[int], None]
 
 
 class _BufferedSocket:
@@ -167,6 +177,12 @@ class MqttClient:
         self._client: paho.Client | None = None
         self.is_mqtt5 = False
         self.handler_errors = 0
+        # tracked publishes: mid -> (qos, connection epoch, callback); guarded by _tracked_lock (never held while
+        # calling back)
+        self._tracked: dict[int, tuple[int, int, DoneCallback]] = {}
+        self._tracked_lock = threading.RLock()
+        self._epoch = 0
+        self.callback_errors = 0
 
     # ------------------------------------------------------------------ connection
     def _make(self, mqtt5: bool) -> paho.Client:
@@ -188,6 +204,7 @@ class MqttClient:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_socket_open = self._on_socket_open
+        client.on_publish = self._on_publish
         return client
 
     def connect(self, *, timeout: float = 10.0) -> None:
@@ -255,6 +272,7 @@ class MqttClient:
         # and needed when the broker lost it.
         if self.subscriptions:
             client.subscribe([(topic, 1) for topic in self.subscriptions])
+        self._release_lost_qos0()
         self._connected.set()
         self._answered.set()
         log.info("connected to %s:%s (session present: %s)", self.host, self.port, flags.session_present)
@@ -280,7 +298,72 @@ class MqttClient:
             self.handler_errors += 1
             log.exception("message handler failed on %s", topic)
 
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        with self._tracked_lock:
+            entry = self._tracked.pop(mid, None)
+        if entry is not None:
+            self._call_done(entry[2], mid)
+
+    def _call_done(self, callback: DoneCallback, mid: int) -> None:
+        try:
+            callback(mid)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("publish completion callback failed for message %s", mid)
+
+    def _release_lost_qos0(self) -> None:
+        # paho clears its outgoing packet queue on reconnect: QoS 0 messages still waiting there were never
+        # written and will never be reported. Tell their senders now, so a window counting them does not leak.
+        with self._tracked_lock:
+            self._epoch += 1
+            lost = [(mid, e[2]) for mid, e in self._tracked.items() if e[0] == 0 and e[1] < self._epoch]
+            for mid, _ in lost:
+                del self._tracked[mid]
+        for mid, callback in lost:
+            self._call_done(callback, mid)
+
+    @property
+    def tracked(self) -> int:
+        """Tracked publishes not yet reported done."""
+        with self._tracked_lock:
+            return len(self._tracked)
+
     # ------------------------------------------------------------------ publishing
+    def publish_tracked(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        on_done: DoneCallback,
+        retain: bool = False,
+    ) -> int | None:
+        """Publish without waiting; `on_done(mid)` when done (see the module docstring). Returns the message id.
+
+        None means the message will not be reported: a QoS 0 message while disconnected (paho drops it), or paho
+        refused it (its 65,535 message ids are all in use). Raises MqttError before `connect()`.
+        """
+        client = self._client
+        if client is None:
+            raise MqttError("not connected: call connect() first")
+        # Lock order: paho's out-message lock (held by paho when it reports a QoS 1 acknowledgement), then ours
+        # (taken by `_on_publish` for every report, QoS 0 ones included). Holding both across `publish` means no
+        # report can be handled between paho assigning the id and our recording it.
+        paho_lock = getattr(client, "_out_message_mutex", None)
+        if paho_lock is None:  # another paho: register after the fact (a report racing it is missed, not fatal)
+            info = client.publish(topic, payload, qos=qos, retain=retain)
+            return self._track(info, qos, on_done)
+        with paho_lock, self._tracked_lock:
+            info = client.publish(topic, payload, qos=qos, retain=retain)
+            return self._track(info, qos, on_done)
+
+    def _track(self, info: paho.MQTTMessageInfo, qos: int, on_done: DoneCallback) -> int | None:
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and (qos == 0 or info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN):
+            return None  # QoS 0 not sent, or refused outright; QoS 1 while offline is kept and sent on reconnect
+        with self._tracked_lock:
+            self._tracked[info.mid] = (qos, self._epoch, on_done)
+        return int(info.mid)
+
     def publish(
         self,
         topic: str,

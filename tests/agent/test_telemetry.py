@@ -77,3 +77,26 @@ def test_windows_made_offline_are_delivered_after_reconnect_none_lost(
         assert seqs == list(range(len(seqs))), "no window lost"
         assert delivered() == total
         assert len(agent.telemetry.spool) == 0
+
+
+def test_a_model_switch_closes_the_window_so_none_mixes_two_models(fleet: Fleet, tmp_path: Path) -> None:
+    agent = _activate(fleet, tmp_path, "dev-m")
+    x = np.zeros((1, 4), dtype=np.float32)
+    for _ in range(5):
+        agent.infer(x)
+    v1 = agent.slots.current().digest
+    model = tiny_model(2)
+    fleet.controller.offer(model, tmp_path)
+    fleet.controller.deploy("dev-m", build_manifest(model, version=2, keys=fleet.keys), job_id="job-m2")
+    assert fleet.controller.wait_final("dev-m", "job-m2").state.value == "active"
+    v2 = agent.slots.current().digest
+    assert v2 != v1
+    for _ in range(3):
+        agent.infer(x)
+    agent._close_window()
+    assert fleet.run_until(lambda: sum(b.model_digest == v2 for b in fleet.controller.telemetry["dev-m"]) >= 1)
+    counts: dict[str | None, int] = {}
+    for batch in fleet.controller.telemetry["dev-m"]:
+        counts[batch.model_digest] = counts.get(batch.model_digest, 0) + batch.inference_count
+    assert counts.get(v1) == 5, "the old model's inferences are reported under the old model"
+    assert counts.get(v2) == 3, "the new model's window holds only its own inferences"

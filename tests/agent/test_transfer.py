@@ -1,15 +1,23 @@
-"""Transfer faults: an agent restart mid-download, a broker restart mid-transfer, a server that never answers."""
+"""Transfer faults: an agent restart mid-download, a broker restart mid-transfer, a server that never answers;
+many devices sharing one broadcast; a busy loop not taken for a silent server."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agentkit import Fleet, build_manifest, fleet_on, tiny_model
+from agentkit import FLEET, PROFILE, Fleet, build_manifest, fleet_on, tiny_model
 
 from edgefleet.agent.agent import Agent
-from edgefleet.protocols.blocks import BlockRequest, decode_block
+from edgefleet.agent.download import Download
+from edgefleet.agent.reactor import Reactor
+from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
+from edgefleet.agent.transfer import Fetcher
+from edgefleet.protocols.blocks import Block, BlockRequest, decode_block
 from edgefleet.protocols.codes import ResultCode
 
 pytestmark = pytest.mark.mqtt
@@ -97,3 +105,115 @@ def test_silent_server_fails_with_connection_lost_instead_of_hanging(fleet: Flee
     assert (event.state.value, event.result) == ("failed", ResultCode.CONNECTION_LOST)
     assert fleet.controller.requests == 3
     assert agent.slots.current() is None
+
+
+def test_many_devices_fetching_one_artifact_cost_about_one_artifact_of_output(fleet: Fleet, tmp_path: Path) -> None:
+    devices = 40
+    spec = SimulatorSpec(
+        devices=devices,
+        profile=PROFILE,
+        data_root=tmp_path / "sim",
+        fleet=FLEET,
+        host=fleet.host,
+        port=fleet.port,
+        id_prefix="many",
+        trusted_keys=fleet.keys.trusted,
+        telemetry_window_s=3600.0,
+        probation_s=0.2,
+    )
+    sim = FleetSimulator(spec, reactor=fleet.reactor)
+    sim.start()
+    try:
+        assert sim.run(duration=20, until=lambda: sim.connected == devices)
+        model = tiny_model(11, pad_bytes=120_000)
+        fleet.controller.offer(model, tmp_path)
+        signed = build_manifest(model, version=1, keys=fleet.keys)
+        server = fleet.controller.server
+        # the server's defaults for a fleet: wait for the requests to settle, and do not resend what just went out
+        server.coalesce_s, server.resend_holdoff_s = 0.5, 3.0
+        for i in range(devices):
+            fleet.controller.deploy(spec.device_id(i), signed, job_id="job-many")
+        for i in range(devices):
+            event = fleet.controller.wait_final(spec.device_id(i), "job-many", timeout=60)
+            assert (event.state.value, event.result) == ("active", ResultCode.OK)
+        ratio = server.stats.payload_bytes_sent / len(model)
+        assert ratio <= 1.5, f"{devices} devices cost {ratio:.2f} artifacts of output ({server.stats})"
+    finally:
+        sim.stop()
+
+
+def test_a_busy_loop_is_not_taken_for_silence(tmp_path: Path) -> None:
+    """Blocks waiting unread on the socket when the quiet timer fires (the loop was busy) are not asked for again."""
+    data = bytes(range(256)) * 64  # four 4 KiB blocks
+    blocks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    hashes = [hashlib.sha256(b).hexdigest() for b in blocks]
+    reactor = Reactor()
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)  # noqa: FBT003
+    download = Download(tmp_path, artifact="ab" * 32, size=len(data), block_size=4096, block_hashes=hashes)
+    requests: list[BlockRequest] = []
+    done: list[str] = []
+    fetcher = Fetcher(
+        download,
+        reactor,
+        send_request=lambda r: requests.append(r) is None,
+        on_complete=lambda: done.append("ok"),
+        on_fail=lambda code, detail: done.append(f"{code}: {detail}"),
+        timeout_s=0.05,
+        timeout_max_s=0.05,
+        max_attempts=3,
+    )
+
+    class Feed:
+        def handle_read(self) -> None:
+            index = reader.recv(1)[0]
+            fetcher.on_block(Block("ab" * 32, index, blocks[index], hashes[index]))
+
+        def handle_write(self) -> None:
+            pass
+
+    reactor.add_reader(reader, Feed())
+
+    def busy_then_block(index: int) -> None:
+        writer.send(bytes([index]))  # the block arrives while the loop is stuck in this callback...
+        time.sleep(0.15)  # ...for longer than the quiet timeout
+
+    try:
+        fetcher.start()
+        assert len(requests) == 1
+        for index in range(len(blocks)):
+            reactor.call_later(0.03 * index, lambda i=index: busy_then_block(i))
+        assert reactor.run(until=lambda: bool(done), timeout=5)
+        assert done == ["ok"]
+        assert len(requests) == 1, "no block was asked for again: they were waiting on the socket, not lost"
+    finally:
+        reactor.remove(reader)
+        reader.close()
+        writer.close()
+        reactor.close()
+
+
+def test_bytes_forever_unread_do_not_stop_the_timeout(tmp_path: Path) -> None:
+    """A connection that always has unread bytes (none of them blocks) still ends in CONNECTION_LOST, not a hang."""
+    reactor = Reactor()
+    download = Download(tmp_path, artifact="cd" * 32, size=100, block_size=4096, block_hashes=["00" * 32])
+    requests: list[BlockRequest] = []
+    done: list[ResultCode] = []
+    fetcher = Fetcher(
+        download,
+        reactor,
+        send_request=lambda r: requests.append(r) is None,
+        on_complete=lambda: done.append(ResultCode.OK),
+        on_fail=lambda code, detail: done.append(code),
+        input_pending=lambda: True,
+        timeout_s=0.02,
+        timeout_max_s=0.04,
+        max_attempts=2,
+    )
+    try:
+        fetcher.start()
+        assert reactor.run(until=lambda: bool(done), timeout=5)
+        assert done == [ResultCode.CONNECTION_LOST]
+        assert len(requests) == 2, "the first request and one re-request, each after its patience ran out"
+    finally:
+        reactor.close()

@@ -1,76 +1,114 @@
 """`edgefleet demo`: the whole product on one machine, end to end, in a few minutes.
 
-Steps: a temporary edgefleet home (registry, signing key); the simulated devices registered, each one's password
-kept in a 0600 CSV per class in the home (a kept home run again reuses them, see `demo_credentials`); a Mosquitto
-of its own on a free port, configured as `edgefleet broker config` configures one (per-device passwords and ACLs,
-anonymous clients refused); the controller (`ControllerApp`: MQTT service, block server, metrics endpoint) in this
-process, logged in as its own broker user; one `edgefleet-agent simulate --credentials` process per device class;
-the digits example trained once and compressed per class; the artifacts signed, stored and deployed to every
-device of their class; the devices download, verify, validate, activate, infer on labelled samples and report; a
-table per class. Everything it started is stopped by PID at the end, on Ctrl-C or SIGTERM. With `--mqtt-port` it
-uses that broker instead, as its owner configured it (the devices connect to it anonymously).
+The story, from a fresh clone:
+
+1. A temporary edgefleet home; a Mosquitto of its own on a free port, secured as `edgefleet broker config` secures
+   one (per-device passwords and ACLs, anonymous clients refused); the controller (`ControllerApp`: MQTT service,
+   block server, rollout engine, recompression loop, metrics endpoint) in this process; one `edgefleet-agent
+   simulate --credentials` process per device class (three classes of ten devices by default).
+2. The digits example trained once and compressed per class, with a progress bar per class. The class chosen to
+   run slow later (`slow_class`) gets the accurate full-width student: it fits its budget at the profiled speed.
+3. Each model signed with validation samples and rolled out in waves (a canary of two devices, then doubling),
+   gated on accuracy, p95 latency, errors and deploy failures; the rollouts' live status view meanwhile.
+4. Two planted problems, at once:
+   - once their probation is over, the slow class's devices restart 2-3x slower than their profile says (a
+     firmware that throttles the CPU; `slow_factor`, 2.5 by default);
+     the controller's recompression loop sees p95 over budget for consecutive telemetry windows, triggers, the
+     demo's compression worker (`LadderBuilder`) picks the most accurate model predicted to fit at the speed the
+     field shows, and the loop rolls it out (gated) until the class is back within budget;
+   - a second artifact for another class (`bad_class`) whose labels are swapped (its accuracy collapses, yet it
+     agrees with its own validation samples, so the devices accept it): the canary's accuracy gate stops it and
+     the rollout is aborted, the canary devices rolled back.
+5. `duration_s` seconds of the fleet running as it now is, then a summary table per class (and `--json`).
+
+Everything it started is stopped by PID at the end, on Ctrl-C or SIGTERM. With `--mqtt-port` it uses that broker
+instead, as its owner configured it (the devices connect to it anonymously).
 
 Example::
 
-    summary = Demo(DemoOptions(duration_s=30, devices=5), console=Console()).run()
-    summary.ok, summary.classes[0].devices_active
+    summary = Demo(DemoOptions(duration_s=10, devices=3), console=Console()).run()
+    summary.ok, summary.classes[0].versions
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import shutil
 import signal
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.spinner import Spinner
+from sqlmodel import col, select
 
 from edgefleet.controller.app import ControllerApp
 from edgefleet.controller.broker_config import controller_secret
+from edgefleet.controller.cli_rollout import render as render_rollout
 from edgefleet.controller.config import Settings
+from edgefleet.controller.demo_builder import LadderBuilder
 from edgefleet.controller.demo_credentials import credentials_path
 from edgefleet.controller.demo_fleet import FleetSpec, SimulatedFleet
 from edgefleet.controller.demo_models import (
+    LADDER,
+    SWAPPED_LABELS,
     BuiltModel,
     CompressMode,
     TrainedModel,
     compress_for_class,
+    onnx_accuracy,
+    swap_labels,
     train_digits,
+    validation_arrays,
     write_validation_set,
 )
 from edgefleet.controller.demo_report import (
-    ClassReport,
-    ClassTarget,
+    ClassStory,
+    OverviewRow,
+    VersionStory,
     Waiting,
-    class_report,
-    device_counts,
-    render_table,
+    render_overview,
     wait_with_bars,
 )
 from edgefleet.controller.demo_setup import (
     BrokerChoice,
+    Signed,
     check_configured_broker,
     demo_settings,
     prepare_registry,
-    sign_and_deploy,
+    sign_artifact,
     simulation_profile,
     start_managed_broker,
 )
+from edgefleet.controller.demo_story import (
+    ACCURACY_MARGIN,
+    demo_policy,
+    recent,
+    recompressions,
+    rollout_gates,
+    rollout_outcome,
+    rollout_plan,
+)
+from edgefleet.controller.errors import ConfigError, ControllerError
 from edgefleet.controller.home import init_home
 from edgefleet.controller.keys import public_key_path
 from edgefleet.controller.mosquitto import free_port
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.state_updates import FINAL_JOB_STATES
+from edgefleet.controller.rollout_status import describe
+from edgefleet.controller.rollouts import Rollouts
+from edgefleet.controller.store import ArtifactStore
+from edgefleet.controller.tables import Artifact, DeploymentJob, Device, RolloutDevice
+from edgefleet.controller.validation_set import ValidationSet
 from edgefleet.protocols.profile import DeviceProfile
 
 __all__ = ["Demo", "DemoOptions", "DemoSummary"]
@@ -78,6 +116,12 @@ __all__ = ["Demo", "DemoOptions", "DemoSummary"]
 log = logging.getLogger(__name__)
 
 MODEL = "digits"
+_REFUSED = ("failed", "timed_out", "rolled_back")
+RECENT_S = 12.0  # the live view's and the summary's "last seconds": three rollup windows, a p95 of 100+ samples
+VALIDATION_SAMPLES = 16
+PROBATION_S = 30.0  # the agent's probation after a model switch (AgentConfig.probation_s)
+STAGGER_S = 3.0  # between the first rollouts' starts
+ALLOWED_FAILURES = 0.8  # share of a class's devices that must end on its current model (rollout_gates: 0.2 may fail)
 
 
 def default_profiles_dir() -> Path:
@@ -88,21 +132,37 @@ def default_profiles_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DemoOptions:
-    duration_s: float = 60.0
+    duration_s: float = 20.0  # the fleet running as it ends up, after the story
     devices: int = 10
-    classes: tuple[str, ...] = ("rpi4", "cortex-a53")
+    classes: tuple[str, ...] = ("x86-gateway", "rpi4", "cortex-a53")
+    slow_class: str | None = "rpi4"  # its devices restart slow_factor times slower; None: no planted slowdown
+    slow_factor: float = 2.5
+    bad_class: str | None = "x86-gateway"  # gets a second artifact with swapped labels; None: not planted
     home: Path | None = None
     keep_home: bool = False
     broker: tuple[str, int] | None = None  # a broker to use instead of a managed one
     compress: CompressMode = CompressMode.recipe
     plan_budget_s: float = 30.0
     train_epochs: int = 4
-    telemetry_window_s: float = 5.0
-    rate_hz: float = 1.0
+    telemetry_window_s: float = 2.0
+    rate_hz: float = 3.0
     online_timeout_s: float = 60.0
-    deploy_timeout_s: float = 120.0
+    rollout_timeout_s: float = 120.0
+    story_timeout_s: float = 180.0
     fleet: str = "demo"
     profiles_dir: Path = dataclasses.field(default_factory=default_profiles_dir)
+
+    def check(self) -> None:
+        """Refuse contradictory options before anything starts."""
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"a class is named twice in {', '.join(self.classes)}")
+        for what, name in (("--slow-class", self.slow_class), ("--bad-class", self.bad_class)):
+            if name is not None and name not in self.classes:
+                raise ConfigError(f"{what} {name} is not one of the demo's classes ({', '.join(self.classes)})")
+        if self.slow_class is not None and self.slow_class == self.bad_class:
+            raise ConfigError(f"--slow-class and --bad-class are both {self.slow_class}: plant them in two classes")
+        if not 1.5 <= self.slow_factor <= 10:
+            raise ConfigError(f"--slow-factor {self.slow_factor:g}: between 1.5 and 10")
 
 
 @dataclasses.dataclass(slots=True)
@@ -113,9 +173,10 @@ class DemoSummary:
     broker_auth: str
     metrics_url: str
     seconds: dict[str, float]
-    classes: list[ClassReport]
+    classes: list[ClassStory]
     problems: list[str]
     stopped: dict[str, Any] = dataclasses.field(default_factory=dict)
+    builds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         value = dataclasses.asdict(self)
@@ -123,60 +184,85 @@ class DemoSummary:
         return value
 
 
+@dataclasses.dataclass(slots=True)
+class _Watch:
+    """One planted problem being followed in the live view."""
+
+    class_name: str
+    kind: str  # "slow" or "bad"
+    done: bool = False
+    rollout_id: int | None = None
+    seen: set[str] = dataclasses.field(default_factory=set)
+    plant_at: float = 0.0  # monotonic time when the slowdown is planted
+    planted: bool = False
+
+
 class Demo:
     """One run of the demo; `run()` returns the summary and has stopped everything by then."""
 
     def __init__(self, options: DemoOptions, *, console: Console) -> None:
+        options.check()
         self.options = options
         self.console = console
         self.seconds: dict[str, float] = {}
         self.problems: list[str] = []
-        self.fleets: list[SimulatedFleet] = []
+        self.fleets: dict[str, SimulatedFleet] = {}
         self.stopped: dict[str, Any] = {}
         self.app: ControllerApp | None = None
+        self.builder: LadderBuilder | None = None
         self.home = options.home
         self.broker = BrokerChoice(host="127.0.0.1", port=0, auth="not started", managed=None)
+        self.profiles: dict[str, DeviceProfile] = {}
+        self.stories: dict[str, ClassStory] = {}
+        self.trained: TrainedModel | None = None
+        self.validation: ValidationSet | None = None
+        self.floor: dict[str, float] = {}
+        self._began = time.monotonic()
+        self._first_done = time.monotonic()
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> DemoSummary:
-        began = time.monotonic()
-        reports: list[ClassReport] = []
-        failed = True
+        self._began = time.monotonic()
+        finished = False
         try:
             with self._teardown():
-                profiles = self._setup()
-                trained = self._step("train", "training the digits example", self._train)
-                built = self._compress(trained, profiles)
-                targets = self._step("deploy", "signing, storing and deploying", lambda: self._deploy(built, profiles))
-                self._wait_active(targets)
-                self._observe(targets)
-                reports = self._reports(targets)
-                failed = False
+                self._setup()
+                self.trained = self._step("train", "training the digits example", self._train)
+                built = self._compress(self.trained)
+                self._first_rollouts(built)
+                self._plant_and_follow()
+                self._observe()
+                self._final_numbers()
+                finished = True
         finally:
-            self.seconds["total"] = round(time.monotonic() - began, 1)
-            self._remove_home(keep=failed or not self._all_good(reports))
-        return self._summary(reports)
+            self.seconds["total"] = round(time.monotonic() - self._began, 1)
+            self._remove_home(keep=not finished or not self._all_good())
+        return self._summary()
 
-    def _summary(self, reports: list[ClassReport]) -> DemoSummary:
+    def _summary(self) -> DemoSummary:
         app = self.app
         metrics = f"http://{app.settings.metrics_host}:{app.settings.metrics_port}/metrics" if app else ""
         return DemoSummary(
-            ok=self._all_good(reports),
+            ok=self._all_good(),
             home=str(self.home),
             broker=f"{self.broker.host}:{self.broker.port}",
             broker_auth=self.broker.auth,
             metrics_url=metrics,
             seconds=self.seconds,
-            classes=reports,
+            classes=list(self.stories.values()),
             problems=self.problems,
             stopped=self.stopped,
+            builds=list(self.builder.builds) if self.builder is not None else [],
         )
 
-    def _all_good(self, reports: list[ClassReport]) -> bool:
+    def _all_good(self) -> bool:
+        """No problem, and every class within its budget on a model that runs on its devices (a rollout's
+        failure gate lets up to a fifth of them refuse it: a device whose validation failed keeps what it had)."""
+        stories = list(self.stories.values())
         return (
-            bool(reports)
+            bool(stories)
             and not self.problems
-            and all(r.devices_active == r.devices_total and r.telemetry_messages > 0 for r in reports)
+            and all(s.devices_on_current >= ALLOWED_FAILURES * s.devices_total and s.within_budget for s in stories)
         )
 
     def _step(self, name: str, text: str, func: Callable[[], Any]) -> Any:
@@ -187,20 +273,39 @@ class Demo:
         self.console.print(f"[green]✓[/] {text} ({time.monotonic() - began:.1f}s)")
         return result
 
+    def _event(self, class_name: str, text: str) -> None:
+        at = time.monotonic() - self._began
+        self.stories[class_name].events.append(f"{at:.0f}s {text}")
+        self.console.print(f"[bold]{at:5.0f}s[/] {class_name}: {text}")
+
+    @property
+    def _app(self) -> ControllerApp:
+        assert self.app is not None  # noqa: S101 - started by _setup
+        return self.app
+
+    @property
+    def _home(self) -> Path:
+        assert self.home is not None  # noqa: S101 - set by _setup
+        return self.home
+
     # ------------------------------------------------------------------ setting up
-    def _setup(self) -> dict[str, DeviceProfile]:
+    def _setup(self) -> None:
         began = time.monotonic()
         if self.home is None:
             self.home = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
         self.console.print(f"edgefleet home [bold]{self.home}[/]")
-        settings, profiles = self._start_broker_and_controller(self.home)
+        settings = self._start_broker_and_controller(self.home)
+        x, _ = validation_arrays()
+        self.validation = ValidationSet.from_arrays(x[:VALIDATION_SAMPLES])
+        if self.builder is not None:
+            self.builder.validation = self.validation
         dataset = write_validation_set(self.home / "digits-val.npz")
-        self._start_fleets(profiles, dataset, settings)
+        for name in self.profiles:
+            self._start_fleet(name, dataset, settings)
         self.seconds["setup"] = round(time.monotonic() - began, 1)
         self._wait_online()
-        return profiles
 
-    def _start_broker_and_controller(self, home: Path) -> tuple[Settings, dict[str, DeviceProfile]]:
+    def _start_broker_and_controller(self, home: Path) -> Settings:
         """Registry rows and device passwords first: the managed broker's password file is written from them."""
         options = self.options
         configured = check_configured_broker(*options.broker) if options.broker is not None else None
@@ -209,8 +314,15 @@ class Demo:
         init_home(settings)
         if configured is None:
             controller_secret(settings)  # before the app is built: it reads its MQTT login from there
-        app = self.app = ControllerApp(settings, registry=CollectorRegistry())
-        profiles = prepare_registry(
+        app = self.app = ControllerApp(
+            settings, registry=CollectorRegistry(), recompress=True, recompress_interval_s=2.0
+        )
+        self.builder = LadderBuilder(
+            app, trained=lambda: self.trained, validation=None, model_name=MODEL, build_dir=home / "build"
+        )
+        if app.recompression is not None:
+            app.recompression.builder = self.builder
+        self.profiles = prepare_registry(
             app.db,
             fleet=options.fleet,
             classes=options.classes,
@@ -221,6 +333,8 @@ class Demo:
             mqtt_host=host,
             mqtt_port=port,
         )
+        for name, profile in self.profiles.items():
+            self.stories[name] = ClassStory(name, profile.latency_budget_ms, profile.speed_factor)
         self.broker = configured or start_managed_broker(settings, Registry(app.db, actor="demo"))
         where = "managed mosquitto" if self.broker.managed else "configured broker"
         pid = f", pid {self.broker.managed.pid}" if self.broker.managed else ""
@@ -229,56 +343,59 @@ class Demo:
         self.console.print(
             f"[green]✓[/] controller up; metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
         )
-        return settings, profiles
+        return settings
 
-    def _start_fleets(self, profiles: dict[str, DeviceProfile], dataset: Path, settings: Settings) -> None:
-        assert self.home is not None  # noqa: S101 - set by _setup
-        for name in profiles:
-            spec = FleetSpec(
-                class_name=name,
-                profile_path=simulation_profile(self.options.profiles_dir / f"{name}.toml", self.home / "profiles"),
-                devices=self.options.devices,
-                host=self.broker.host,
-                port=self.broker.port,
-                fleet=self.options.fleet,
-                trusted_key=public_key_path(settings.key_path),
-                dataset=dataset,
-                data_dir=self.home / "devices" / name,
-                log_path=self.home / "logs" / f"simulate-{name}.log",
-                telemetry_window_s=self.options.telemetry_window_s,
-                rate_hz=self.options.rate_hz,
-                # a configured broker is the user's: devices connect to it anonymously, as they always have
-                credentials=credentials_path(self.home, name) if self.broker.managed else None,
-            )
-            fleet = SimulatedFleet.start(spec)
-            self.fleets.append(fleet)
-            self.console.print(f"[green]✓[/] simulated {name} fleet: {spec.devices} devices, pid {fleet.pid}")
+    def _fleet_spec(self, name: str, dataset: Path, settings: Settings, *, slow: float | None = None) -> FleetSpec:
+        options = self.options
+        return FleetSpec(
+            class_name=name,
+            profile_path=simulation_profile(options.profiles_dir / f"{name}.toml", self._home / "profiles"),
+            devices=options.devices,
+            host=self.broker.host,
+            port=self.broker.port,
+            fleet=options.fleet,
+            trusted_key=public_key_path(settings.key_path),
+            dataset=dataset,
+            data_dir=self._home / "devices" / name,
+            log_path=self._home / "logs" / f"simulate-{name}.log",
+            telemetry_window_s=options.telemetry_window_s,
+            rate_hz=options.rate_hz,
+            # a configured broker is the user's: devices connect to it anonymously, as they always have
+            credentials=credentials_path(self._home, name) if self.broker.managed else None,
+            slow_devices=options.devices if slow is not None else 0,
+            slow_factor=slow if slow is not None else 1.0,
+        )
+
+    def _start_fleet(self, name: str, dataset: Path, settings: Settings, *, slow: float | None = None) -> None:
+        spec = self._fleet_spec(name, dataset, settings, slow=slow)
+        fleet = self.fleets[name] = SimulatedFleet.start(spec)
+        how = f", {spec.slow_factor:g}x slower than profiled" if slow is not None else ""
+        self.console.print(f"[green]✓[/] simulated {name} fleet: {spec.devices} devices, pid {fleet.pid}{how}")
+
+    def _check_fleets(self) -> None:
+        for fleet in self.fleets.values():
+            fleet.check()
 
     def _wait(self, name: str, title: str, timeout: float, poll: Callable[[], dict[str, Waiting]]) -> None:
         """Bars until every class is done; a timeout is counted as a problem, and the demo goes on."""
         began = time.monotonic()
-
-        def check() -> None:
-            for fleet in self.fleets:
-                fleet.check()
-
-        if not wait_with_bars(self.console, title, poll, classes=self._classes, timeout=timeout, check=check):
+        classes = tuple(self.profiles)
+        if not wait_with_bars(self.console, title, poll, classes=classes, timeout=timeout, check=self._check_fleets):
             self.problems.append(f"{name}: not complete after {timeout:g}s")
         self.seconds[name] = round(time.monotonic() - began, 1)
 
-    @property
-    def _classes(self) -> tuple[str, ...]:
-        return self.options.classes
+    def _devices(self, class_name: str) -> list[tuple[bool, int | None]]:
+        with self._app.db.reading(f"reading the devices of {class_name}") as session:
+            rows = session.exec(select(Device.online, Device.model_version).where(Device.class_name == class_name))
+            return [(bool(online), version) for online, version in rows.all()]
 
     def _wait_online(self) -> None:
-        assert self.app is not None  # noqa: S101 - started by _setup
-        db = self.app.db
-
         def poll() -> dict[str, Waiting]:
             state = {}
-            for c in self._classes:
-                total, online, _ = device_counts(db, c, -1)
-                state[c] = Waiting(online, total, "", done=online >= total)
+            for c in self.profiles:
+                devices = self._devices(c)
+                online = sum(1 for o, _ in devices if o)
+                state[c] = Waiting(online, len(devices), "", done=online >= len(devices))
             return state
 
         self._wait("online", "online", self.options.online_timeout_s, poll)
@@ -289,80 +406,403 @@ class Demo:
         self.console.print(f"  fp32 digits model: {trained.accuracy:.2%} on the validation split")
         return trained
 
-    def _compress(self, trained: TrainedModel, profiles: dict[str, DeviceProfile]) -> list[BuiltModel]:
-        built = []
-        for name, profile in profiles.items():
-            mode = self.options.compress
-            build = functools.partial(
-                compress_for_class, trained, profile, mode=mode, plan_budget_s=self.options.plan_budget_s
-            )
-            model: BuiltModel = self._step("compress", f"compressing for {name} ({mode.value})", build)
-            acc = model.metrics.get("accuracy")
-            self.console.print(
-                f"  {name}: {model.source} chose {model.recipe_label}: {len(model.onnx) / 1024:.1f} KiB"
-                + (f", accuracy {acc:.2%}" if acc is not None else "")
-            )
+    def _compress(self, trained: TrainedModel) -> dict[str, BuiltModel]:
+        began = time.monotonic()
+        built: dict[str, BuiltModel] = {}
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[detail]}"))  # fmt: skip
+        with Progress(*columns, console=self.console) as progress:
+            bars = {c: progress.add_task(f"compressing for {c}", total=1, detail="waiting") for c in self.profiles}
+            for name, profile in self.profiles.items():
+                recipe = LADDER[0] if name == self.options.slow_class else None
+                progress.update(bars[name], detail=f"{recipe['name'] if recipe else self.options.compress.value}...")
+                model = compress_for_class(
+                    trained, profile, mode=self.options.compress, plan_budget_s=self.options.plan_budget_s,
+                    recipe=recipe,
+                )  # fmt: skip
+                acc = model.metrics.get("accuracy")
+                progress.update(
+                    bars[name],
+                    completed=1,
+                    detail=f"{model.recipe_label}: {len(model.onnx) / 1024:.1f} KiB"
+                    + (f", accuracy {acc:.2%}" if acc is not None else ""),
+                )
+                built[name] = model
+        for name, model in built.items():
             for note in model.notes:
-                self.console.print(f"  note: {note}")
-            built.append(model)
+                self.console.print(f"  {name}: {note}")
+            if name == self.options.slow_class:
+                self.console.print(
+                    f"  {name}: the accurate full-width student, p95 {model.metrics.get('latency_p95_ms_host', 0):.3f}"
+                    " ms "
+                    f"here x speed factor {self.profiles[name].speed_factor:g}: within its "
+                    f"{self.profiles[name].latency_budget_ms:g} ms budget"
+                )
+        self.seconds["compress"] = round(time.monotonic() - began, 1)
         return built
 
-    # ------------------------------------------------------------------ deploying and watching
-    def _deploy(self, built: list[BuiltModel], profiles: dict[str, DeviceProfile]) -> list[ClassTarget]:
-        assert self.app is not None  # noqa: S101 - started by _setup
-        assert self.home is not None  # noqa: S101 - set by _setup
-        targets = []
-        for model in built:
-            budget = profiles[model.class_name].latency_budget_ms
-            done = sign_and_deploy(self.app, model, build_dir=self.home / "build", model_name=MODEL, budget_ms=budget)
-            self.problems.extend(done.errors)
-            targets.append(done.target)
-            t = done.target
-            self.console.print(
-                f"  {t.class_name}: v{t.version}, {t.artifact_bytes} bytes, sha256 {done.sha256[:12]}, "
-                f"key {done.key_id} -> {len(t.job_ids)} devices"
-            )
-        return targets
+    def _floor(self, measured: float | None) -> float | None:
+        return round(max(0.1, measured - ACCURACY_MARGIN), 3) if measured is not None else None
 
-    def _wait_active(self, targets: list[ClassTarget]) -> None:
-        assert self.app is not None  # noqa: S101 - started by _setup
-        app = self.app
+    # ------------------------------------------------------------------ rollouts
+    def _sign(self, model: BuiltModel) -> Signed:
+        return sign_artifact(
+            self._app,
+            onnx=model.onnx,
+            class_name=model.class_name,
+            model_name=MODEL,
+            build_dir=self._home / "build",
+            recipe=model.recipe,
+            metrics=model.metrics,
+            validation=self.validation,
+        )
 
-        def poll() -> dict[str, Waiting]:
-            state = {}
-            for t in targets:
-                r = class_report(t, db=app.db, registry=app.registry)
-                ended = sum(n for s, n in r.jobs.items() if s in FINAL_JOB_STATES)
-                detail = ", ".join(f"{s} {n}" for s, n in sorted(r.jobs.items()))
-                state[t.class_name] = Waiting(r.devices_active, r.devices_total, detail, done=ended >= len(t.job_ids))
-            return state
+    def _start_rollout(self, artifact_id: int, class_name: str, floor: float | None) -> int:
+        rollout = Rollouts(self._app.db, actor="demo").start(
+            artifact_id,
+            plan=rollout_plan(self.options.devices),
+            gates=rollout_gates(accuracy_floor=floor),
+            on_breach="abort",
+        )
+        assert rollout.id is not None  # noqa: S101 - just inserted
+        return rollout.id
 
-        self._wait("deploy_wait", "active", self.options.deploy_timeout_s, poll)
-
-    def _observe(self, targets: list[ClassTarget]) -> None:
-        assert self.app is not None  # noqa: S101 - started by _setup
-        app = self.app
+    def _first_rollouts(self, built: dict[str, BuiltModel]) -> None:
         began = time.monotonic()
-        end = began + self.options.duration_s
-        self.console.print(f"running for {self.options.duration_s:g}s: devices infer on labelled digits and report")
+        rollouts: dict[str, int] = {}
+        for name, model in built.items():
+            signed = self._sign(model)
+            floor = self._floor(model.metrics.get("accuracy"))
+            if floor is not None:
+                self.floor[name] = floor
+            if rollouts:
+                time.sleep(STAGGER_S)  # canaries validating at once on a small host slow each other down
+            rid = rollouts[name] = self._start_rollout(signed.artifact_id, name, floor)
+            self.stories[name].versions.append(
+                VersionStory(signed.version, model.recipe_label, "compression", model.metrics.get("accuracy"),
+                             signed.size, rollout_id=rid)
+            )  # fmt: skip
+            self.console.print(
+                f"  {name}: v{signed.version} signed ({signed.size} bytes, {signed.validation_samples} validation "
+                f"samples, key {signed.key_id}); rollout {rid} in waves, canary first, abort on a gate breach"
+            )
+        self._live(
+            "first rollouts",
+            lambda: all(self._rollout_final(r) for r in rollouts.values()),
+            self.options.rollout_timeout_s,
+            rollouts=lambda: list(rollouts.values()),
+        )
+        for name, rid in rollouts.items():
+            self._record_rollout(name, rid)
+            outcome = self.stories[name].versions[-1]
+            active = outcome.rollout_devices.get("active", 0)
+            text = f"rollout {rid} {outcome.rollout_state}, {active} active after {outcome.waves_opened} wave(s)"
+            self._event(name, f"v{outcome.version} rolled out: {text}")
+            self._refusals(name, rid)
+            if outcome.rollout_state != "completed":
+                self.problems.append(f"{name}: the first rollout ended {outcome.rollout_state}")
+        self.seconds["first_rollouts"] = round(time.monotonic() - began, 1)
+        self._first_done = time.monotonic()
+
+    def _refusals(self, class_name: str, rollout_id: int) -> None:
+        """An event for the devices of a rollout that did not take its model, with the first reason given."""
+        with self._app.db.reading(f"reading the failures of rollout {rollout_id}") as session:
+            rows = session.exec(
+                select(RolloutDevice.state, DeploymentJob.detail)
+                .join(DeploymentJob, col(RolloutDevice.job_id) == col(DeploymentJob.id))
+                .where(RolloutDevice.rollout_id == rollout_id, col(RolloutDevice.state).in_(_REFUSED))
+            ).all()
+        if rows:
+            self._event(class_name, f"{len(rows)} device(s) kept their old model ({rows[0][0]}: {rows[0][1]})")
+
+    def _rollout_final(self, rollout_id: int) -> bool:
+        return rollout_outcome(self._app.db, rollout_id, version=0).final
+
+    def _record_rollout(self, class_name: str, rollout_id: int) -> None:
+        for v in self.stories[class_name].versions:
+            if v.rollout_id == rollout_id:
+                outcome = rollout_outcome(self._app.db, rollout_id, version=v.version)
+                v.rollout_state, v.rollout_devices, v.waves_opened = (
+                    outcome.state, outcome.devices, outcome.waves_opened
+                )  # fmt: skip
+
+    # ------------------------------------------------------------------ the live view
+    def _overview(self) -> RenderableType:
+        rows = []
+        for name, profile in self.profiles.items():
+            devices = self._devices(name)
+            online = [v for o, v in devices if o]
+            versions = Counter(online)
+            top = max((v for v in versions if v is not None), key=lambda v: (versions[v], v), default=None)
+            numbers = recent(self._app.db, name, version=top, seconds=RECENT_S) if top is not None else None
+            rows.append(
+                OverviewRow(
+                    device_class=name,
+                    versions=dict(versions),
+                    online=len(online),
+                    total=len(devices),
+                    p95_ms=numbers.p95_ms if numbers else None,
+                    budget_ms=profile.latency_budget_ms,
+                    accuracy=numbers.accuracy if numbers else None,
+                    note=self._note(name),
+                )
+            )
+        return render_overview(rows)
+
+    def _note(self, name: str) -> str:
+        builder = self.builder
+        if builder is not None and builder.progress.class_name == name:
+            return f"recompressing: {builder.progress.stage}"
+        events = self.stories[name].events
+        return events[-1] if events else ""
+
+    def _live(
+        self,
+        title: str,
+        until: Callable[[], bool],
+        timeout: float,
+        *,
+        rollouts: Callable[[], list[int]] = list,
+        tick: Callable[[], None] | None = None,
+    ) -> bool:
+        """The live view (fleet table, rollouts' status, the build's spinner) until `until()` or `timeout`."""
+        end = time.monotonic() + timeout
 
         def view() -> Group:
-            left = max(0.0, end - time.monotonic())
-            tables = [render_table(class_report(t, db=app.db, registry=app.registry)) for t in targets]
-            return Group(*tables, f"{left:.0f}s left; Ctrl-C stops everything")
+            parts: list[RenderableType] = [self._overview()]
+            for rid in rollouts():
+                try:
+                    parts.append(render_rollout(describe(self._app.db, rid)))
+                except ControllerError as exc:
+                    parts.append(f"rollout {rid}: {exc}")
+            builder = self.builder
+            if builder is not None and builder.progress.class_name is not None:
+                p = builder.progress
+                parts.append(Spinner("dots", f"building for {p.class_name}: {p.stage} "
+                                             f"({time.monotonic() - p.started:.0f}s)"))  # fmt: skip
+            parts.append(f"{title}: {max(0.0, end - time.monotonic()):.0f}s at most; Ctrl-C stops everything")
+            return Group(*parts)
 
-        with Live(view(), console=self.console, refresh_per_second=1, transient=True) as live:
+        done = False
+        with Live(view(), console=self.console, refresh_per_second=4, transient=True) as live:
             while time.monotonic() < end:
-                for fleet in self.fleets:
-                    fleet.check()
-                time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+                self._check_fleets()
+                if tick is not None:
+                    tick()
+                if until():
+                    done = True
+                    break
+                time.sleep(1.0)
                 live.update(view())
-        app.service.flush()
+        if not done:
+            self.problems.append(f"{title}: not complete after {timeout:g}s")
+        return done
+
+    # ------------------------------------------------------------------ the planted problems
+    def _plant_and_follow(self) -> None:
+        began = time.monotonic()
+        loop = self._app.recompression
+        watches = []
+        if loop is not None:
+            gates_floor = min(self.floor.values(), default=None)
+            loop.plan = rollout_plan(self.options.devices)
+            loop.gates = rollout_gates(accuracy_floor=gates_floor)
+            for name in self.profiles:
+                loop.set_policy(name, demo_policy())
+            self.console.print(
+                f"the controller's recompression loop now watches {', '.join(self.profiles)}: p95 over budget for "
+                f"{demo_policy().latency_windows} windows -> recompress and roll out (auto)"
+            )
+        slow, bad = self._plantable(self.options.slow_class), self._plantable(self.options.bad_class)
+        if slow is not None and loop is None:
+            self.problems.append("the controller runs no recompression loop: the slow class cannot recover")
+        elif slow is not None:
+            # once the devices' probation after their first model is over: a device still in probation would
+            # roll back by itself when it turns slow (as it should), which is another story
+            watches.append(_Watch(slow, "slow", plant_at=self._first_done + PROBATION_S))
+        if bad is not None:
+            watches.append(self._plant_bad_artifact(bad))
+        if watches:
+            self._live(
+                "planted problems",
+                lambda: all(w.done for w in watches),
+                self.options.story_timeout_s,
+                rollouts=lambda: [w.rollout_id for w in watches if w.rollout_id is not None],
+                tick=lambda: self._follow_all(watches),
+            )
+            for w in watches:
+                if w.rollout_id is not None:
+                    self.console.print(render_rollout(describe(self._app.db, w.rollout_id)))
+                    self._record_rollout(w.class_name, w.rollout_id)
+        self.seconds["planted_problems"] = round(time.monotonic() - began, 1)
+
+    def _plantable(self, name: str | None) -> str | None:
+        """The class, when its first model runs (a problem is planted on a working class only)."""
+        if name is None:
+            return None
+        if self.stories[name].versions[-1].rollout_state != "completed":
+            self._event(name, "nothing planted: its first model is not running")
+            return None
+        return name
+
+    def _plant_slowdown(self, watch: _Watch) -> None:
+        assert self.builder is not None  # noqa: S101 - made with the app
+        name = watch.class_name
+        watch.planted = True
+        version = self.stories[name].versions[-1].version
+        base = recent(self._app.db, name, version=version, seconds=RECENT_S)
+        if base.p95_ms is not None:
+            self.builder.baseline[name] = base.p95_ms
+        factor = self.options.slow_factor
+        fleet = self.fleets[name]
+        self.stopped[f"fleet {name} (pid {fleet.pid})"] = fleet.stop()
+        self._start_fleet(name, fleet.spec.dataset, self._app.settings, slow=factor)
+        self._event(name, f"planted: the devices restart {factor:g}x slower than profiled "
+                    f"(p95 was {base.p95_ms or 0:.2f} ms of {self.profiles[name].latency_budget_ms:g})")  # fmt: skip
+
+    def _plant_bad_artifact(self, name: str) -> _Watch:
+        assert self.trained is not None  # noqa: S101 - trained before
+        story = self.stories[name]
+        good = story.versions[-1]
+        x, y = validation_arrays()
+        with self._app.db.reading("reading the good artifact") as session:
+            row = session.exec(select(Artifact).where(Artifact.class_name == name,
+                                                      Artifact.version == good.version)).one()  # fmt: skip
+        onnx = swap_labels(self._artifact_bytes(row.sha256))
+        accuracy = onnx_accuracy(onnx, x, y)
+        model = BuiltModel(class_name=name, onnx=onnx, recipe_label=f"{good.recipe}, labels swapped",
+                           source="planted", recipe=(), metrics={"accuracy": accuracy})  # fmt: skip
+        signed = self._sign(model)
+        floor = self.floor.get(name)
+        rid = self._start_rollout(signed.artifact_id, name, floor)
+        story.versions.append(VersionStory(signed.version, model.recipe_label, "planted bad artifact", accuracy,
+                                           signed.size, rollout_id=rid))  # fmt: skip
+        pairs = ", ".join(f"{a}<->{b}" for a, b in SWAPPED_LABELS)
+        self._event(
+            name,
+            f"planted: v{signed.version} trained with labels {pairs} swapped (accuracy {accuracy:.0%}; it agrees "
+            f"with its own {signed.validation_samples} validation samples); rollout {rid}",
+        )
+        return _Watch(name, "bad", rollout_id=rid)
+
+    def _artifact_bytes(self, sha256: str) -> bytes:
+        path = ArtifactStore(self._app.settings.store_dir).path_for_sha256(sha256)
+        if path is None:
+            raise ConfigError(f"artifact {sha256[:12]} is not in the store")
+        return path.read_bytes()
+
+    def _follow_all(self, watches: list[_Watch]) -> None:
+        for watch in watches:
+            if not watch.done:
+                self._follow(watch)
+
+    def _follow(self, watch: _Watch) -> None:
+        if watch.kind == "bad":
+            self._follow_bad(watch)
+        else:
+            self._follow_slow(watch)
+
+    def _once(self, watch: _Watch, key: str, text: str) -> None:
+        if key not in watch.seen:
+            watch.seen.add(key)
+            self._event(watch.class_name, text)
+
+    def _follow_bad(self, watch: _Watch) -> None:
+        assert watch.rollout_id is not None  # noqa: S101 - set when planted
+        outcome = rollout_outcome(self._app.db, watch.rollout_id, version=0)
+        if outcome.breach:
+            self._once(watch, "breach", f"rollout {watch.rollout_id}: gate breach in wave {outcome.waves_opened - 1}"
+                       f" ({outcome.breach}): aborted, rolling back")  # fmt: skip
+        if outcome.final:
+            devices = ", ".join(f"{s} {n}" for s, n in outcome.devices.items())
+            self._once(watch, "final", f"rollout {watch.rollout_id} {outcome.state}: {devices}")
+            watch.done = True
+
+    def _follow_slow(self, watch: _Watch) -> None:
+        name = watch.class_name
+        if not watch.planted:
+            if time.monotonic() < watch.plant_at:
+                self._once(watch, "probation", f"its devices turn slow once their {PROBATION_S:g}s probation is over")
+                return
+            self._plant_slowdown(watch)
+        found = recompressions(self._app.db, name)
+        budget = self.profiles[name].latency_budget_ms
+        story = self.stories[name]
+        if not found:
+            current = story.versions[-1].version
+            numbers = recent(self._app.db, name, version=current, seconds=RECENT_S / 2)
+            if numbers.p95_ms is not None and numbers.p95_ms > budget:
+                self._once(watch, "over", f"p95 {numbers.p95_ms:.2f} ms: over the {budget:g} ms budget")
+            return
+        row = found[-1]
+        self._once(watch, f"trigger {row.id}", f"recompression {row.id} triggered ({row.trigger}): {row.summary}")
+        if row.state == "failed":
+            self._once(watch, f"failed {row.id}", f"recompression {row.id} failed: {row.note}")
+            self.problems.append(f"{name}: recompression {row.id} failed: {row.note}")
+            watch.done = True
+            return
+        if row.rollout_id is None:
+            return
+        if watch.rollout_id != row.rollout_id:
+            watch.rollout_id = row.rollout_id
+            built = self.builder.builds[-1] if self.builder is not None and self.builder.builds else {}
+            with self._app.db.reading("reading the new artifact") as session:
+                artifact = session.get(Artifact, row.artifact_id)
+            version = artifact.version if artifact is not None else 0
+            story.versions.append(
+                VersionStory(version, str(built.get("label", "?")), "recompression", built.get("accuracy"),
+                             artifact.size if artifact is not None else 0, rollout_id=row.rollout_id)
+            )  # fmt: skip
+            self._event(
+                name,
+                f"built v{version} {built.get('recipe')} in {built.get('seconds')}s (predicted p95 "
+                f"{built.get('predicted_p95_ms')} ms at {built.get('slowdown')}x); rollout {row.rollout_id}",
+            )
+        outcome = rollout_outcome(self._app.db, row.rollout_id, version=0)
+        if outcome.final:
+            self._once(watch, "rolled", f"rollout {row.rollout_id} {outcome.state}")
+            if outcome.state != "completed":
+                self.problems.append(f"{name}: the recompression's rollout {row.rollout_id} ended {outcome.state}")
+                watch.done = True
+                return
+            numbers = recent(self._app.db, name, version=story.versions[-1].version, seconds=RECENT_S)
+            if numbers.p95_ms is not None and numbers.p95_ms <= budget and numbers.inferences >= 60:
+                self._once(watch, "recovered", f"recovered: p95 {numbers.p95_ms:.2f} ms within the {budget:g} ms "
+                           "budget")  # fmt: skip
+                watch.done = True
+
+    # ------------------------------------------------------------------ steady state and the end
+    def _observe(self) -> None:
+        began = time.monotonic()
+        self.console.print(f"running for {self.options.duration_s:g}s as the fleet now is")
+        end = began + self.options.duration_s
+        self._live("running", lambda: time.monotonic() >= end, self.options.duration_s + 5)
+        self._app.service.flush()
         self.seconds["observe"] = round(time.monotonic() - began, 1)
 
-    def _reports(self, targets: list[ClassTarget]) -> list[ClassReport]:
-        assert self.app is not None  # noqa: S101 - started by _setup
-        return [class_report(t, db=self.app.db, registry=self.app.registry) for t in targets]
+    def _final_numbers(self) -> None:
+        for name, story in self.stories.items():
+            devices = self._devices(name)
+            versions = Counter(v for o, v in devices if o)
+            current = max((v for v in versions if v is not None), key=lambda v: (versions[v], v), default=None)
+            story.current_version = current
+            story.devices_total = len(devices)
+            story.devices_online = sum(1 for o, _ in devices if o)
+            story.devices_on_current = versions.get(current, 0) if current is not None else 0
+            if current is not None:
+                numbers = recent(self._app.db, name, version=current, seconds=RECENT_S)
+                story.p95_latency_ms, story.accuracy, story.labelled_samples = (
+                    numbers.p95_ms, numbers.accuracy, numbers.labelled
+                )  # fmt: skip
+                if numbers.p95_ms is not None:
+                    story.within_budget = numbers.p95_ms <= story.latency_budget_ms
+            story.recompressions = [
+                {"id": r.id, "trigger": r.trigger, "summary": r.summary, "state": r.state, "rollout": r.rollout_id}
+                for r in recompressions(self._app.db, name)
+            ]
+            for v in story.versions:
+                if v.rollout_id is not None:
+                    self._record_rollout(name, v.rollout_id)
 
     # ------------------------------------------------------------------ stopping
     @contextlib.contextmanager
@@ -382,11 +822,11 @@ class Demo:
             self.console.print("[green]✓[/] stopped everything the demo started")
 
     def _stop_all(self) -> None:
-        for fleet in self.fleets:
+        for name, fleet in self.fleets.items():
             try:
-                self.stopped[f"fleet {fleet.spec.class_name} (pid {fleet.pid})"] = fleet.stop()
+                self.stopped[f"fleet {name} (pid {fleet.pid})"] = fleet.stop()
             except Exception as exc:  # noqa: BLE001 - keep stopping the rest
-                self.problems.append(f"stopping the {fleet.spec.class_name} fleet: {exc}")
+                self.problems.append(f"stopping the {name} fleet: {exc}")
         if self.app is not None:
             try:
                 self.app.stop()

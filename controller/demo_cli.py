@@ -16,7 +16,7 @@ from rich.console import Console
 from edgefleet.controller.cli_common import CliState, guarded
 from edgefleet.controller.demo import Demo, DemoOptions, DemoSummary
 from edgefleet.controller.demo_models import CompressMode
-from edgefleet.controller.demo_report import render_table
+from edgefleet.controller.demo_report import render_summary
 
 __all__ = ["demo"]
 
@@ -50,22 +50,31 @@ def _root_flags(ctx: typer.Context) -> dict[str, Any]:
 
 def _print_summary(summary: DemoSummary, console: Console) -> None:
     console.print()
-    console.rule("edgefleet demo: results")
-    for report in summary.classes:
-        console.print(render_table(report))
+    console.print(render_summary(summary.classes))
     console.print(f"broker: {summary.broker}, {summary.broker_auth}")
     timings = ", ".join(f"{k} {v:g}s" for k, v in summary.seconds.items())
     console.print(f"timings: {timings}")
     for problem in summary.problems:
         console.print(f"[red]problem:[/] {problem}")
     if summary.ok:
-        console.print("[green]every device runs its class's new model and reports telemetry[/]")
+        console.print("[green]every class runs its current model within its latency budget[/]")
+
+
+def _planted(value: str, default: str, classes: tuple[str, ...]) -> str | None:
+    """`none` -> None; `auto` -> `default` when the demo runs that class, else None; a class name as given."""
+    if value.lower() == "none":
+        return None
+    if value.lower() == "auto":
+        return default if default in classes else None
+    return value
 
 
 @guarded
 def demo(  # noqa: PLR0917 - typer passes every option by position
     ctx: typer.Context,
-    duration: Annotated[float, typer.Option("--duration", min=0, help="seconds to run after deploying")] = 60.0,
+    duration: Annotated[
+        float, typer.Option("--duration", min=0, max=86400, help="seconds to run at the end, after the story")
+    ] = 20.0,
     devices: Annotated[int, typer.Option("--devices", min=1, max=1000, help="simulated devices per class")] = 10,
     classes: Annotated[
         list[str] | None, typer.Option("--class", help="device class from deploy/profiles (repeatable)")
@@ -80,11 +89,24 @@ def demo(  # noqa: PLR0917 - typer passes every option by position
     ] = CompressMode.recipe,
     plan_budget: Annotated[float, typer.Option("--plan-budget", min=1, help="planner seconds per class")] = 30.0,
     train_epochs: Annotated[int, typer.Option("--train-epochs", min=1, max=100, help="digits training epochs")] = 4,
-    telemetry_window: Annotated[float, typer.Option("--telemetry-window", min=1, help="seconds per report")] = 5.0,
-    rate: Annotated[float, typer.Option("--rate", min=0.1, max=50, help="inferences per second per device")] = 1.0,
+    slow_class: Annotated[
+        str, typer.Option("--slow-class", help="class whose devices turn slow mid-run (auto: rpi4; none: no slowdown)")
+    ] = "auto",
+    slow_factor: Annotated[
+        float, typer.Option("--slow-factor", min=1.5, max=10, help="how much slower than profiled the class turns")
+    ] = 2.5,
+    bad_class: Annotated[
+        str,
+        typer.Option("--bad-class", help="class given a bad second artifact (auto: x86-gateway; none: not planted)"),
+    ] = "auto",
+    telemetry_window: Annotated[
+        float, typer.Option("--telemetry-window", min=1, max=60, help="seconds per report")
+    ] = 2.0,
+    rate: Annotated[float, typer.Option("--rate", min=0.5, max=50, help="inferences per second per device")] = 3.0,
     as_json: Annotated[bool, typer.Option("--json", help="progress on stderr, a JSON summary on stdout")] = False,
 ) -> None:
-    """Run the whole product on this machine: broker, controller, simulated fleet, compress, deploy, watch.
+    """Run the whole product on this machine: broker, controller, simulated fleet, compress, gated rollouts in waves,
+    a slow class recompressed from its telemetry, a bad artifact stopped at its canary, a summary per class.
 
     Its own Mosquitto checks per-device passwords and ACLs and refuses anonymous clients.
 
@@ -96,10 +118,11 @@ def demo(  # noqa: PLR0917 - typer passes every option by position
     broker = None
     if flags.get("mqtt_port") is not None:
         broker = (str(flags.get("mqtt_host") or "127.0.0.1"), int(flags["mqtt_port"]))
+    chosen = tuple(classes) if classes else DemoOptions().classes
     options = DemoOptions(
         duration_s=duration,
         devices=devices,
-        classes=tuple(classes) if classes else DemoOptions().classes,
+        classes=chosen,
         home=home or flags.get("home"),
         keep_home=keep_home,
         broker=broker,
@@ -108,6 +131,9 @@ def demo(  # noqa: PLR0917 - typer passes every option by position
         train_epochs=train_epochs,
         telemetry_window_s=telemetry_window,
         rate_hz=rate,
+        slow_class=_planted(slow_class, "rpi4", chosen),
+        slow_factor=slow_factor,
+        bad_class=_planted(bad_class, "x86-gateway", chosen),
     )
     console = Console(stderr=as_json)
     runner = Demo(options, console=console)

@@ -63,9 +63,14 @@ class FleetSpec:
     rate_hz: float = 1.0
     infer_fraction: float = 1.0
     credentials: Path | None = None  # `device register --out` CSV: the devices log in with their passwords
+    slow_devices: int = 0  # the first K devices run `slow_factor` times slower than their profile says
+    slow_factor: float = 1.0
 
     def argv(self) -> list[str]:
         login = ["--credentials", str(self.credentials)] if self.credentials is not None else []
+        slow = []
+        if self.slow_devices > 0 and self.slow_factor != 1.0:
+            slow = ["--fault-devices", str(self.slow_devices), "--slow", f"{self.slow_factor:g}"]
         return [
             *agent_command(),
             "simulate",
@@ -83,6 +88,7 @@ class FleetSpec:
             "--data-dir", str(self.data_dir),
             "--log-level", "warning",
             *login,
+            *slow,
         ]  # fmt: skip
 
 

@@ -30,13 +30,20 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "LADDER",
+    "SWAPPED_LABELS",
     "BuiltModel",
     "CompressMode",
     "TrainedModel",
     "compress_for_class",
     "fixed_recipe",
+    "host_p95_ms",
+    "onnx_accuracy",
+    "recipe_width",
+    "swap_labels",
     "train_digits",
     "validation_arrays",
+    "width_latency_ms",
     "write_validation_set",
 ]
 
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 Status = Callable[[str], None]
 
 _QUARTER_STUDENT: dict[str, Any] = {"kind": "distill", "width": 0.25, "epochs": 6, "time_budget_s": 40}
+_HALF_STUDENT: dict[str, Any] = {"kind": "distill", "width": 0.5, "epochs": 4, "time_budget_s": 40}
+_FULL_STUDENT: dict[str, Any] = {"kind": "distill", "width": 1.0, "epochs": 2, "time_budget_s": 40}
 # Recipes as data, per class; a class not named here gets the rpi4 one (fp32, small and fast).
 FIXED_RECIPES: dict[str, dict[str, Any]] = {
     "cortex-a53": {
@@ -52,7 +61,17 @@ FIXED_RECIPES: dict[str, dict[str, Any]] = {
         "passes": [_QUARTER_STUDENT, {"kind": "quantize_static", "max_accuracy_drop": 0.03}],
     },
     "rpi4": {"name": "demo-rpi4", "passes": [_QUARTER_STUDENT]},
+    "x86-gateway": {"name": "demo-x86-gateway", "passes": [_HALF_STUDENT]},
 }
+# The recompression ladder, most accurate (and slowest) first: the demo's slow class starts on the first rung (it
+# fits the budget at the profiled speed, not 2-3x slower) and a recompression takes the first rung predicted to fit
+# the speed measured in the field.
+# `width` is the student's share of the teacher's channels (its compute grows with it).
+LADDER: tuple[dict[str, Any], ...] = (
+    {"name": "demo-full-width", "passes": [_FULL_STUDENT]},
+    {"name": "demo-half-width", "passes": [_HALF_STUDENT]},
+    {"name": "demo-quarter-width", "passes": [_QUARTER_STUDENT]},
+)
 
 
 class CompressMode(StrEnum):
@@ -84,6 +103,11 @@ class BuiltModel:
 
 def fixed_recipe(class_name: str) -> dict[str, Any]:
     return FIXED_RECIPES.get(class_name, {**FIXED_RECIPES["rpi4"], "name": f"demo-{class_name}"})
+
+
+def recipe_width(recipe: dict[str, Any]) -> float:
+    """The student width of a recipe (1.0, the teacher's, when it has no distill pass)."""
+    return next((float(p.get("width", 0.5)) for p in recipe["passes"] if p.get("kind") == "distill"), 1.0)
 
 
 def train_digits(*, epochs: int, torch_threads: int = 1) -> TrainedModel:
@@ -121,14 +145,22 @@ def write_validation_set(path: Path) -> Path:
     return path
 
 
+def _pass_label(p: Any) -> str:
+    width = getattr(p, "width", None)
+    return f"{p.kind.value} w{width:g}" if width is not None else str(p.kind.value)
+
+
 def _recipe_dicts(recipe: Any) -> tuple[dict[str, JsonValue], ...]:
     return tuple(p.model_dump(mode="json") for p in recipe.passes)
 
 
-def _with_recipe(trained: TrainedModel, profile: DeviceProfile, *, note: str | None = None) -> BuiltModel:
+def _with_recipe(
+    trained: TrainedModel, profile: DeviceProfile, *, note: str | None = None, recipe_data: dict[str, Any] | None = None
+) -> BuiltModel:
     from edgefleet.compression import CompressionError, compress, parse_recipe
 
-    recipe = parse_recipe(fixed_recipe(profile.name), source=f"the demo recipe of {profile.name}")
+    data = recipe_data if recipe_data is not None else fixed_recipe(profile.name)
+    recipe = parse_recipe(data, source=f"the demo recipe {data.get('name')} of {profile.name}")
     try:
         onnx, report = compress(trained.module, recipe, trained.task, threads=1, latency_runs=100, rss=False)
     except CompressionError as exc:
@@ -137,7 +169,7 @@ def _with_recipe(trained: TrainedModel, profile: DeviceProfile, *, note: str | N
     return BuiltModel(
         class_name=profile.name,
         onnx=onnx,
-        recipe_label=" > ".join(p.kind.value for p in recipe.passes),
+        recipe_label=" > ".join(_pass_label(p) for p in recipe.passes),
         source="recipe",
         recipe=_recipe_dicts(recipe),
         metrics={
@@ -191,9 +223,19 @@ def _with_planner(trained: TrainedModel, profile: DeviceProfile, *, time_budget_
 
 
 def compress_for_class(
-    trained: TrainedModel, profile: DeviceProfile, *, mode: CompressMode, plan_budget_s: float = 40.0
+    trained: TrainedModel,
+    profile: DeviceProfile,
+    *,
+    mode: CompressMode,
+    plan_budget_s: float = 40.0,
+    recipe: dict[str, Any] | None = None,
 ) -> BuiltModel:
-    """One compressed model for `profile`'s class; the fixed recipe when the planner finds nothing in time."""
+    """One compressed model for `profile`'s class; the fixed recipe when the planner finds nothing in time.
+
+    `recipe` (data, e.g. a `LADDER` rung) is used as given, whatever the mode.
+    """
+    if recipe is not None:
+        return _with_recipe(trained, profile, recipe_data=recipe)
     if mode is CompressMode.planner:
         planned = _with_planner(trained, profile, time_budget_s=plan_budget_s)
         if isinstance(planned, BuiltModel):
@@ -201,3 +243,94 @@ def compress_for_class(
         log.info("class %s: %s; using its fixed recipe", profile.name, planned)
         return _with_recipe(trained, profile, note=f"planner: {planned}; fixed recipe used")
     return _with_recipe(trained, profile)
+
+
+# ---------------------------------------------------------------------------------------------------- the bad artifact
+SWAPPED_LABELS: tuple[tuple[int, int], ...] = ((0, 1), (2, 3), (4, 5))
+
+
+def swap_labels(onnx: bytes, pairs: tuple[tuple[int, int], ...] = SWAPPED_LABELS) -> bytes:
+    """The same model with the output rows of each pair of classes swapped: what a training run on data whose label
+    map had those pairs crossed produces. It runs as fast as the original and agrees with itself (so it passes a
+    device's validation when its samples are computed from it), but it calls a 0 a 1: its accuracy collapses.
+
+    Works on a model whose logits come from a Gemm with constant weights and bias (the demo's fp32 students).
+    """
+    import numpy as np
+    import onnx as onnx_lib
+    from onnx import numpy_helper
+
+    model = onnx_lib.load_from_string(onnx)
+    graph = model.graph
+    output = graph.output[0].name
+    node = next((n for n in graph.node if output in n.output), None)
+    if node is None or node.op_type != "Gemm" or len(node.input) < 3:
+        raise DemoModelError(f"cannot plant swapped labels: the output {output!r} does not come from a Gemm with bias")
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    initializers = {i.name: i for i in graph.initializer}
+    weight, bias = initializers.get(node.input[1]), initializers.get(node.input[2])
+    if weight is None or bias is None:
+        raise DemoModelError("cannot plant swapped labels: the output Gemm's weights are not constants")
+    order = list(range(int(numpy_helper.to_array(bias).shape[0])))
+    for a, b in pairs:
+        order[a], order[b] = order[b], order[a]
+    w = numpy_helper.to_array(weight)
+    w = w[order, :] if trans_b else w[:, order]
+    bias_array = numpy_helper.to_array(bias)[order]
+    weight.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), weight.name))
+    bias.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(bias_array), bias.name))
+    return bytes(model.SerializeToString())
+
+
+def _session(onnx: bytes) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(onnx, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def onnx_accuracy(onnx: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of an ONNX classifier on (x, y), one sample at a time (as the devices run it)."""
+    import numpy as np
+
+    session = _session(onnx)
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+    return float((logits.argmax(axis=1) == y).mean())
+
+
+def host_p95_ms(onnx: bytes, *, runs: int = 200, quantile: float = 95) -> float:
+    """p95 (or another percentile) of one inference on this host at one thread (what a simulated device's latency
+    is scaled from)."""
+    import time
+
+    import numpy as np
+
+    session = _session(onnx)
+    inp = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+    sample = np.random.default_rng(0).random(shape, dtype=np.float32)
+    for _ in range(10):
+        session.run(None, {inp.name: sample})
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        session.run(None, {inp.name: sample})
+        times.append(time.perf_counter() - began)
+    return float(np.percentile(times, quantile) * 1000)
+
+
+def width_latency_ms(width: float) -> float:
+    """Host median latency of an (untrained) digits network of `width`: compute does not depend on the weights, so
+    the recompression can rank the ladder's rungs before training any of them (the median: the host is busy)."""
+    import numpy as np
+    import torch
+
+    from edgefleet.compression.examples.digits import DigitsNet
+    from edgefleet.compression.export import export_onnx
+
+    torch.manual_seed(0)
+    module = DigitsNet(width=width).eval()
+    return host_p95_ms(export_onnx(module, np.zeros((1, 1, 16, 16), dtype=np.float32)), quantile=50)

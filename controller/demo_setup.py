@@ -1,5 +1,5 @@
-"""The demo's set-up and deploy: its broker (a managed Mosquitto, or one configured), its registry rows, and
-signing, storing and deploying each class's model through the running controller.
+"""The demo's set-up: its broker (a managed Mosquitto, or one configured), its registry rows, and signing and
+storing each model it builds (with validation samples the devices check) as the next artifact of its class.
 
 The managed broker runs under the security a real fleet gets from `edgefleet broker config`: the demo registers its
 simulated devices (keeping each password in a 0600 CSV per class, see `demo_credentials`), writes the password file
@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+import secrets
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from pydantic import JsonValue
 
 from edgefleet.controller.app import ControllerApp
 from edgefleet.controller.artifacts import ArtifactCatalog
@@ -28,14 +31,12 @@ from edgefleet.controller.config import Settings
 from edgefleet.controller.db import Database
 from edgefleet.controller.demo_credentials import credentials_path, ensure_credentials
 from edgefleet.controller.demo_fleet import simulated_ids
-from edgefleet.controller.demo_models import BuiltModel
-from edgefleet.controller.demo_report import ClassTarget
-from edgefleet.controller.deploy import Deployer
 from edgefleet.controller.errors import ConfigError, NotFoundError
 from edgefleet.controller.keys import load_signing_key
 from edgefleet.controller.mosquitto import BrokerError, ManagedMosquitto, free_port, port_answers
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.store import ArtifactStore
+from edgefleet.controller.validation_set import ValidationSet
 from edgefleet.protocols.errors import ProtocolError
 from edgefleet.protocols.profile import DeviceProfile, load_profile
 
@@ -43,11 +44,11 @@ __all__ = [
     "CONFIGURED_AUTH",
     "MANAGED_AUTH",
     "BrokerChoice",
-    "Deployed",
+    "Signed",
     "check_configured_broker",
     "demo_settings",
     "prepare_registry",
-    "sign_and_deploy",
+    "sign_artifact",
     "simulation_profile",
     "start_managed_broker",
 ]
@@ -67,8 +68,9 @@ class BrokerChoice:
     managed: ManagedMosquitto | None
 
 
-def demo_settings(home: Path, *, mqtt_host: str, mqtt_port: int, fleet: str) -> Settings:
-    """The controller's settings in the demo: a free metrics port, telemetry flushed twice a second."""
+def demo_settings(home: Path, *, mqtt_host: str, mqtt_port: int, fleet: str, rollup_window_s: int = 5) -> Settings:
+    """The controller's settings in the demo: a free metrics port, telemetry flushed twice a second and rolled up in
+    short windows (the recompression trigger counts consecutive windows over budget: minutes would not fit)."""
     return Settings(
         home=home,
         mqtt_host=mqtt_host,
@@ -77,6 +79,7 @@ def demo_settings(home: Path, *, mqtt_host: str, mqtt_port: int, fleet: str) -> 
         fleet=fleet,
         mqtt_client_id=f"edgefleet-controller-{fleet}",
         flush_interval_s=0.5,
+        telemetry_window_s=rollup_window_s,
     )
 
 
@@ -176,38 +179,43 @@ def prepare_registry(
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Deployed:
-    target: ClassTarget
+class Signed:
+    """An artifact the demo stored and signed (the next version of its class)."""
+
+    artifact_id: int
+    class_name: str
+    version: int
+    size: int
     sha256: str
     key_id: str
-    errors: tuple[str, ...]
+    validation_samples: int
 
 
-def sign_and_deploy(
-    app: ControllerApp, model: BuiltModel, *, build_dir: Path, model_name: str, budget_ms: float
-) -> Deployed:
-    """Store and sign `model` as the next version of its class, and send a deploy command to each of its devices."""
+def sign_artifact(
+    app: ControllerApp,
+    *,
+    onnx: bytes,
+    class_name: str,
+    model_name: str,
+    build_dir: Path,
+    recipe: tuple[dict[str, JsonValue], ...] = (),
+    metrics: Mapping[str, float] | None = None,
+    validation: ValidationSet | None = None,
+    actor: str = "demo",
+) -> Signed:
+    """Store and sign `onnx` as the next version of its class, with validation samples computed from this model
+    (the devices run them before switching: a model that does not agree with itself, or is too slow, never runs)."""
     settings = app.settings
     catalog = ArtifactCatalog(
-        app.db, store=ArtifactStore(settings.store_dir), signing_key=load_signing_key(settings.key_path), actor="demo"
+        app.db, store=ArtifactStore(settings.store_dir), signing_key=load_signing_key(settings.key_path), actor=actor
     )
-    path = build_dir / f"{model_name}-{model.class_name}.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.onnx)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    path = build_dir / f"{model_name}-{class_name}-{secrets.token_hex(4)}.onnx"
+    path.write_bytes(onnx)
     artifact = catalog.add_from_onnx(
-        model_name, class_name=model.class_name, onnx_path=path, recipe=model.recipe, metrics=model.metrics
+        model_name, class_name=class_name, onnx_path=path, recipe=recipe, metrics=metrics, validation=validation
     )
-    deployer = Deployer(app.db, catalog=catalog, publisher=app.mqtt, actor="demo")
-    results = deployer.deploy(artifact.id or 0, class_name=model.class_name)
-    target = ClassTarget(
-        class_name=model.class_name,
-        model=model_name,
-        version=artifact.version,
-        artifact_bytes=artifact.size,
-        recipe=model.recipe_label,
-        source=model.source,
-        latency_budget_ms=budget_ms,
-        job_ids=tuple(r.job_id for r in results),
+    samples = len(ArtifactCatalog.signed_manifest(artifact).manifest.validation_samples)
+    return Signed(
+        artifact.id or 0, class_name, artifact.version, artifact.size, artifact.sha256, artifact.key_id, samples
     )
-    errors = tuple(f"deploy to {r.device_id} failed: {r.error}" for r in results if r.error)
-    return Deployed(target, artifact.sha256, artifact.key_id, errors)

@@ -76,5 +76,10 @@ def apply_job_event(db: Database, device_id: str, event: JobEvent, *, now: dt.da
             if event.state is JobState.ACTIVE and event.model_version is not None:
                 device.model_version = event.model_version
                 device.model_digest = event.artifact_sha256 or device.model_digest
+            elif event.state is JobState.ROLLED_BACK and event.model_version is not None:
+                # the event names the model running after the rollback (its digest comes with the next birth)
+                if device.model_version != event.model_version:
+                    device.model_digest = None
+                device.model_version = event.model_version
             session.add(device)
     return True

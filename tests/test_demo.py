@@ -1,6 +1,7 @@
-"""`edgefleet demo` end to end: a real Mosquitto, the controller, two simulated classes, compression, deploy, telemetry.
+"""`edgefleet demo` end to end: a real Mosquitto, the controller, three simulated classes, compression, rollouts in
+waves, a slow class recompressed from its telemetry, a bad artifact stopped at its canary, the summary.
 
-The two full runs are `slow` (about a minute each on two busy cores) and bounded by a subprocess timeout. The demo's
+The two full runs are `slow` (one to two minutes on two busy cores) and bounded by a subprocess timeout. The demo's
 broker is the secured one of `edgefleet broker config`: the devices log in with the passwords it kept per class.
 """
 
@@ -27,10 +28,11 @@ from edgefleet.agent.cli import build_parser
 from edgefleet.agent.credentials import read_credentials
 from edgefleet.controller.config import Settings
 from edgefleet.controller.credentials import verify_secret
-from edgefleet.controller.demo import default_profiles_dir
+from edgefleet.controller.demo import DemoOptions, default_profiles_dir
+from edgefleet.controller.demo_builder import choose_rung
 from edgefleet.controller.demo_credentials import credentials_path
 from edgefleet.controller.demo_fleet import FleetSpec, simulated_ids
-from edgefleet.controller.demo_models import fixed_recipe
+from edgefleet.controller.demo_models import LADDER, SWAPPED_LABELS, DemoModelError, fixed_recipe, swap_labels
 from edgefleet.controller.demo_report import histogram_quantile
 from edgefleet.controller.demo_setup import MANAGED_AUTH, prepare_registry, simulation_profile
 from edgefleet.controller.errors import ConfigError
@@ -167,53 +169,187 @@ def test_every_fixed_demo_recipe_is_a_valid_recipe() -> None:
     for name in ("rpi4", "cortex-a53", "x86-gateway"):
         recipe = parse_recipe(fixed_recipe(name))
         assert recipe.passes[0].kind.value == "distill"
+    for rung in LADDER:
+        assert parse_recipe(rung).passes[0].kind.value == "distill"
     # the 48 KiB partition of cortex-a53 needs int8 on top of the small student
     assert [p.kind.value for p in parse_recipe(fixed_recipe("cortex-a53")).passes] == ["distill", "quantize_static"]
+
+
+def test_the_slow_fleet_command_runs_every_device_slower(tmp_path: Path) -> None:
+    spec = FleetSpec(
+        class_name="rpi4", profile_path=tmp_path / "rpi4.toml", devices=5, host="127.0.0.1", port=1884,
+        fleet="demo", trusted_key=tmp_path / "key.pub", dataset=tmp_path / "val.npz", data_dir=tmp_path / "d",
+        log_path=tmp_path / "sim.log", slow_devices=5, slow_factor=2.5,
+    )  # fmt: skip
+    argv = spec.argv()
+    args = build_parser().parse_args(argv[argv.index("simulate") :])
+    assert (args.fault_devices, args.slow) == (5, 2.5)
+    plain = dataclasses.replace(spec, slow_devices=0).argv()
+    assert "--slow" not in plain
+    assert "--fault-devices" not in plain
+
+
+def test_the_planted_artifact_swaps_labels_and_nothing_else(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    import torch
+
+    from edgefleet.compression.examples.digits import DigitsNet
+    from edgefleet.compression.export import export_onnx
+    from edgefleet.controller.demo_models import _session
+
+    torch.manual_seed(0)
+    model = export_onnx(DigitsNet(width=0.25).eval(), np.zeros((1, 1, 16, 16), dtype=np.float32))
+    bad = swap_labels(model)
+    x = np.random.default_rng(0).random((8, 1, 16, 16), dtype=np.float32)
+    good_session, bad_session = _session(model), _session(bad)
+    name = good_session.get_inputs()[0].name
+    good_logits = good_session.run(None, {name: x})[0]
+    bad_logits = bad_session.run(None, {name: x})[0]
+    order = list(range(10))
+    for a, b in SWAPPED_LABELS:
+        order[a], order[b] = order[b], order[a]
+    np.testing.assert_allclose(bad_logits, good_logits[:, order], rtol=1e-5, atol=1e-6)
+    assert len(bad) == pytest.approx(len(model), abs=64)  # same size, same speed: only the label map differs
+    # a model whose output does not come from a Gemm with constant weights is refused with a reason
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 10])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10])],
+    )  # fmt: skip
+    with pytest.raises(DemoModelError, match="does not come from a Gemm"):
+        swap_labels(onnx.helper.make_model(graph).SerializeToString())
+
+
+def test_the_recompression_takes_the_most_accurate_rung_predicted_to_fit() -> None:
+    # baseline 2 ms (of which 1 ms is the full model's compute at speed factor 5), now 2.5x slower, budget 5 ms
+    kw: dict[str, Any] = {"base_p95_ms": 2.0, "slowdown": 2.5, "speed_factor": 5.0, "current_host_ms": 0.2,
+                          "budget_ms": 5.0}  # fmt: skip
+    index, predicted = choose_rung(rung_host_ms=[0.2, 0.08, 0.03], **kw)
+    assert predicted == pytest.approx([5.0, 3.5, 2.875])
+    assert index == 1  # the full model would sit right at the budget: no margin
+    assert choose_rung(rung_host_ms=[0.2, 0.18], **kw)[0] == 1  # nothing fits: the fastest rung
+    assert choose_rung(rung_host_ms=[0.2, 0.08], **{**kw, "slowdown": 1.0})[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--slow-class", "nope"], "--slow-class nope is not one of the demo's classes"),
+        (["--bad-class", "rpi4", "--slow-class", "rpi4"], "plant them in two classes"),
+        (["--class", "rpi4", "--class", "rpi4"], "named twice"),
+        (["--class", "rpi4", "--bad-class", "x86-gateway"], "--bad-class x86-gateway is not one of"),
+    ],
+)
+def test_contradictory_demo_options_are_refused_before_anything_starts(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.controller.cli import app
+
+    result = CliRunner().invoke(app, ["demo", *args, "--home", str(tmp_path / "home")], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert not (tmp_path / "home").exists()  # nothing was set up
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--slow-factor", "1"], ["--slow-factor", "nan"], ["--devices", "0"], ["--duration", "-1"], ["--rate", "0"],
+     ["--telemetry-window", "0.1"], ["--compress", "magic"], ["--train-epochs", "0"]],
+)  # fmt: skip
+def test_out_of_range_demo_options_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.controller.cli import app
+
+    result = CliRunner().invoke(app, ["demo", *args, "--home", str(tmp_path / "home")], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "home").exists()
+
+
+def test_demo_options_check_their_slow_factor() -> None:
+    with pytest.raises(ConfigError, match=r"between 1\.5 and 10"):
+        DemoOptions(slow_factor=1.2).check()
+    with pytest.raises(ConfigError, match=r"between 1\.5 and 10"):
+        DemoOptions(slow_factor=float("nan")).check()
+    DemoOptions(slow_class=None, bad_class=None, classes=("cortex-a53",)).check()
 
 
 @pytest.mark.slow
 @pytest.mark.mqtt
 @needs_mosquitto
-def test_the_demo_deploys_to_every_device_and_reports_telemetry(tmp_path: Path) -> None:
+def test_the_demo_tells_the_whole_story_and_stops_what_it_started(tmp_path: Path) -> None:
+    """Waves, the slow class recompressed from its telemetry, the bad artifact stopped at its canary."""
     home = tmp_path / "home"
     run = subprocess.run(
-        [str(EDGEFLEET), "demo", "--duration", "12", "--devices", "3", "--compress", "recipe", "--train-epochs", "3",
+        [str(EDGEFLEET), "demo", "--duration", "4", "--devices", "5", "--rate", "4", "--train-epochs", "3",
          "--home", str(home), "--json"],
-        capture_output=True, text=True, timeout=240, check=False,
+        capture_output=True, text=True, timeout=420, check=False,
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     summary = json.loads(run.stdout)
-    assert summary["ok"] is True
+    assert summary["ok"] is True, summary["problems"]
     assert summary["problems"] == []
-    assert [c["device_class"] for c in summary["classes"]] == ["rpi4", "cortex-a53"]
-    for c in summary["classes"]:
-        assert c["version"] == 1
-        assert c["devices_total"] == 3
-        assert c["devices_active"] == 3, c
-        assert c["jobs"] == {"active": 3}
-        assert c["telemetry_messages"] > 0
-        assert c["labelled_samples"] > 0
-        assert c["accuracy"] > 0.7  # ten classes: chance is 0.1; a few dozen samples are noisy
-        assert c["p95_latency_ms"] > 0
-        assert c["bytes_served"] >= c["artifact_bytes"]
-    # everything it started is gone, the fleets stopped cleanly
+    stories = {c["device_class"]: c for c in summary["classes"]}
+    assert list(stories) == ["x86-gateway", "rpi4", "cortex-a53"]
+    for story in stories.values():
+        first = story["versions"][0]
+        # the first model of every class went out in waves: a canary of two devices, then the other three
+        assert (first["version"], first["rollout_state"]) == (1, "completed")
+        assert first["rollout_devices"].get("active", 0) >= 4, first  # the failure gate lets one of five refuse it
+        assert first["waves_opened"] == 2
+        assert story["devices_total"] == 5
+        assert story["devices_on_current"] >= 4, story
+        assert story["within_budget"] is True, story
+        assert story["accuracy"] > 0.8, story  # ten classes: chance is 0.1
+        assert story["labelled_samples"] > 0
+
+    # the slow class: detected from telemetry, recompressed once, rolled out, back within its budget
+    rpi4 = stories["rpi4"]
+    assert [(v["version"], v["made_by"], v["rollout_state"]) for v in rpi4["versions"]] == [
+        (1, "compression", "completed"), (2, "recompression", "completed"),
+    ]  # fmt: skip
+    assert rpi4["versions"][0]["recipe"] == "distill w1"  # the accurate model, not the fastest
+    assert rpi4["current_version"] == 2
+    assert [(r["trigger"], r["state"]) for r in rpi4["recompressions"]] == [("latency", "done")]
+    assert rpi4["p95_latency_ms"] <= rpi4["latency_budget_ms"]
+    assert any("over the" in e for e in rpi4["events"])
+    assert any("recovered" in e for e in rpi4["events"])
+    [build] = summary["builds"]
+    assert build["class"] == "rpi4"
+    assert build["slowdown"] > 1.5  # measured in the field: the devices run 2.5x slower
+    assert build["width"] < 1.0
+
+    # the bad artifact: stopped by the canary's accuracy gate, the canary rolled back, nobody else got it
+    x86 = stories["x86-gateway"]
+    bad = x86["versions"][1]
+    assert (bad["version"], bad["made_by"], bad["rollout_state"]) == (2, "planted bad artifact", "aborted")
+    assert bad["rollout_devices"] == {"rolled_back": 2}
+    assert bad["waves_opened"] == 1
+    assert bad["accuracy_measured"] < 0.7
+    assert x86["current_version"] == 1
+    assert any("gate breach" in e and "accuracy" in e for e in x86["events"])
+    assert [(v["version"], v["made_by"]) for v in stories["cortex-a53"]["versions"]] == [(1, "compression")]
+    assert stories["cortex-a53"]["recompressions"] == []
+
+    # everything it started is gone, the fleets stopped cleanly (rpi4's twice: it restarted slow)
     pids = [int(p) for k in summary["stopped"] for p in re.findall(r"pid (\d+)", k)]
-    assert len(pids) == 3
+    assert len(pids) == 5
     assert not [p for p in pids if _alive(p)]
-    assert [v for k, v in summary["stopped"].items() if k.startswith("fleet")] == [0, 0]
-    assert "every device" not in run.stderr  # the verdict is in the JSON; progress went to stderr
+    assert [v for k, v in summary["stopped"].items() if k.startswith("fleet")] == [0, 0, 0, 0]
     assert "✓ stopped everything the demo started" in run.stderr
-    assert (home / "registry.db").exists()
+    assert "rollout" in run.stderr
+    assert "gates" in run.stderr
     # the demo's broker was the secured one: per-device passwords and ACLs, anonymous clients refused
     assert summary["broker_auth"] == MANAGED_AUTH
     config = (home / "broker" / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in config
-    assert "password_file" in config
-    assert "acl_file" in config
-    for name in ("rpi4", "cortex-a53"):
+    for name in stories:
         kept = credentials_path(home, name)
         assert stat.S_IMODE(kept.stat().st_mode) == 0o600
-        assert [c.device_id for c in read_credentials(kept, device_class=name)] == simulated_ids(name, 3)
+        assert [c.device_id for c in read_credentials(kept, device_class=name)] == simulated_ids(name, 5)
 
 
 @pytest.mark.slow
@@ -236,7 +372,7 @@ def test_ctrl_c_stops_everything_the_demo_started_and_metrics_are_up_meanwhile(t
             if "simulated cortex-a53 fleet" in line:
                 break
         pids = [int(p) for line in seen for p in re.findall(r"pid (\d+)", line)]
-        assert len(pids) == 3, "".join(seen)  # mosquitto and two fleets
+        assert len(pids) == 4, "".join(seen)  # mosquitto and three fleets
         urls = [u for line in seen for u in re.findall(r"(http://\S+/metrics)", line)]
         assert len(urls) == 1, "".join(seen)
         body = urllib.request.urlopen(urls[0], timeout=5).read().decode()  # noqa: S310 - a local http URL

@@ -1,0 +1,184 @@
+"""The demo's story as data: the wave plan and gates of its rollouts, the recompression policy it sets, and the
+field numbers it watches (a class's recent p95 from the telemetry rollups, the state of its rollouts).
+
+Everything here is sized so that the whole story fits in a few minutes: devices report every two seconds, a gate
+judges once two devices sent 45 inferences (30 labelled), and the recompression trigger needs three consecutive
+five-second rollup windows over budget. A real fleet keeps the defaults (minutes, hundreds of samples).
+
+Example::
+
+    plan, gates = rollout_plan(10), rollout_gates(accuracy_floor=0.9)
+    Rollouts(db, actor="demo").start(artifact_id, plan=plan, gates=gates, on_breach="abort")
+    recent_p95_ms(db, "rpi4", version=1, seconds=10)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+from sqlmodel import col, select
+
+from edgefleet.controller.db import Database
+from edgefleet.controller.demo_report import histogram_quantile
+from edgefleet.controller.recompress_policy import RecompressionPolicy
+from edgefleet.controller.rollout_plan import FINAL_ROW_STATES, GateConfig, WavePlan
+from edgefleet.controller.tables import Recompression, Rollout, RolloutDevice, TelemetryRollup, utcnow
+from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS
+
+__all__ = [
+    "ACCURACY_MARGIN",
+    "Recent",
+    "RolloutOutcome",
+    "demo_policy",
+    "recent",
+    "recent_p95_ms",
+    "recompressions",
+    "rollout_gates",
+    "rollout_outcome",
+    "rollout_plan",
+]
+
+ACCURACY_MARGIN = 0.08
+"""The demo's accuracy floor is this far below the model's measured accuracy: wide enough for the noise of a few
+dozen labelled samples, far above what a model with swapped labels reaches (about 40% on the digits)."""
+FINAL_ROLLOUTS = frozenset({"completed", "aborted"})
+
+
+def rollout_plan(devices: int, *, timeout_s: float = 60.0) -> WavePlan:
+    """A canary of 2 devices (1 in a class of 3 or fewer), then waves doubling; 10 downloads at once."""
+    return WavePlan(canary="2" if devices > 3 else "1", growth=2.0, max_concurrent=10, device_timeout_s=timeout_s)
+
+
+def rollout_gates(*, accuracy_floor: float | None) -> GateConfig:
+    """Gates that judge within seconds: 2 devices, 45 inferences (a p95 of fewer is about their maximum: one
+    scheduling hiccup of the busy host would stop a rollout), 30 labelled samples, a 30 s window."""
+    return GateConfig(
+        window_s=30.0,
+        min_devices=2,
+        min_samples=45,
+        min_labelled=30,
+        accuracy_floor=accuracy_floor,
+        data_wait_s=60.0,
+    )
+
+
+def demo_policy(*, latency_windows: int = 3, min_samples: int = 60) -> RecompressionPolicy:
+    """Automatic recompression on p95 over budget for `latency_windows` consecutive windows of at least
+    `min_samples` inferences each (the p95 of fewer is about their maximum: a busy host's hiccups would trigger it);
+    accuracy is the rollout gates' business in the demo (a few dozen samples are too noisy for a second judge)."""
+    return RecompressionPolicy(
+        latency_windows=latency_windows,
+        accuracy=False,
+        speed_factor_tolerance=None,
+        min_samples=min_samples,
+        min_labelled=min_samples,
+        lookback_s=30.0,
+        cooldown_s=3600.0,
+        mode="auto",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Recent:
+    """A version's field numbers over the last seconds: p95 (ms), accuracy, labelled samples, inferences."""
+
+    p95_ms: float | None
+    accuracy: float | None
+    labelled: int
+    inferences: int
+
+
+def recent(db: Database, class_name: str, *, version: int, seconds: float) -> Recent:
+    """One model version on a class over the last `seconds`, from the telemetry rollups: the p95 from the merged
+    bucket counts (interpolated within the bucket, as Prometheus' `histogram_quantile`), the labelled accuracy."""
+    since = utcnow() - dt.timedelta(seconds=seconds)
+    with db.reading(f"reading the recent telemetry of {class_name}") as session:
+        rows = session.exec(
+            select(
+                TelemetryRollup.latency_counts_json,
+                TelemetryRollup.labelled,
+                TelemetryRollup.correct,
+                TelemetryRollup.inferences,
+            ).where(
+                TelemetryRollup.class_name == class_name,
+                TelemetryRollup.model_version == version,
+                col(TelemetryRollup.window_start) >= since,
+            )
+        ).all()
+    counts = [0] * (len(LATENCY_BUCKETS_SECONDS) + 1)
+    labelled = correct = inferences = 0
+    for text, row_labelled, row_correct, row_inferences in rows:
+        values = json.loads(text) if text not in {"", "[]"} else []
+        if len(values) == len(counts):
+            counts = [a + int(b) for a, b in zip(counts, values, strict=True)]
+        labelled, correct, inferences = labelled + row_labelled, correct + row_correct, inferences + row_inferences
+    cumulative, running = [], 0
+    for bound, count in zip((*LATENCY_BUCKETS_SECONDS, float("inf")), counts, strict=True):
+        running += count
+        cumulative.append((bound, float(running)))
+    p95 = histogram_quantile(0.95, cumulative)
+    return Recent(
+        p95_ms=p95 * 1000.0 if p95 is not None else None,
+        accuracy=correct / labelled if labelled else None,
+        labelled=labelled,
+        inferences=inferences,
+    )
+
+
+def recent_p95_ms(db: Database, class_name: str, *, version: int, seconds: float) -> float | None:
+    """p95 latency (ms) of one model version on a class over the last `seconds`; None without samples."""
+    return recent(db, class_name, version=version, seconds=seconds).p95_ms
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutOutcome:
+    """Where a rollout ended: its state, devices per state, and whether every device reached a final state."""
+
+    rollout_id: int
+    state: str
+    version: int
+    devices: dict[str, int]
+    waves_opened: int
+    settled: bool
+    breach: str | None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_ROLLOUTS and self.settled
+
+
+def rollout_outcome(db: Database, rollout_id: int, *, version: int) -> RolloutOutcome:
+    with db.reading(f"reading rollout {rollout_id}") as session:
+        rollout = session.get(Rollout, rollout_id)
+        rows = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)).all()
+    states: dict[str, int] = {}
+    for row in rows:
+        states[row.state] = states.get(row.state, 0) + 1
+    breach = None
+    if rollout is not None and rollout.breach_json:
+        detail = json.loads(rollout.breach_json)
+        gates = detail.get("gates") or []
+        breach = ", ".join(
+            f"{g['name']} {g['value']:.3g} vs {g['threshold']:.3g}"
+            if isinstance(g.get("value"), float) and isinstance(g.get("threshold"), float)
+            else str(g.get("name"))
+            for g in gates
+        ) or str(detail.get("reason", ""))
+    return RolloutOutcome(
+        rollout_id=rollout_id,
+        state=rollout.state if rollout is not None else "missing",
+        version=version,
+        devices=dict(sorted(states.items())),
+        waves_opened=(rollout.current_wave + 1) if rollout is not None else 0,
+        settled=all(r.state in FINAL_ROW_STATES for r in rows),
+        breach=breach,
+    )
+
+
+def recompressions(db: Database, class_name: str) -> list[Recompression]:
+    """The class's recompressions, oldest first."""
+    with db.reading(f"listing the recompressions of {class_name}") as session:
+        query = select(Recompression).where(Recompression.class_name == class_name).order_by(col(Recompression.id))
+        return list(session.exec(query).all())

@@ -113,6 +113,7 @@ class Agent:
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
             on_publish=self._on_publish,
+            tls=config.tls_context(),
         )
         self.updater = Updater(config, self, reactor, wall=wall, slots=self.slots)
         self._lock = threading.Lock()  # the running model and the telemetry window, shared by `infer` callers

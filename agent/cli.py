@@ -47,6 +47,9 @@ def resolve_profile(value: str) -> DeviceProfile:
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="MQTT broker host")
     p.add_argument("--port", type=int, default=1883, help="MQTT broker port")
+    p.add_argument("--tls-ca", type=Path, help="CA file (PEM) the broker's certificate must chain to: connect over TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for a broker that requires one")
+    p.add_argument("--tls-key", type=Path, help="the client certificate's private key (PEM; default: in --tls-cert)")
     p.add_argument("--fleet", default="demo", help="fleet id (topic root)")
     p.add_argument("--class", dest="device_class", required=True, help="device class: profile name or .toml path")
     p.add_argument("--trusted-key", action="append", default=[], help="controller public key (PEM file or hex)")
@@ -125,9 +128,13 @@ def _run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         password=password,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         trusted_keys=load_trusted_keys(args.trusted_key),
         telemetry_window_s=args.telemetry_window,
     )
+    config.tls_context()  # a missing or bad TLS file: one clear error before anything starts
     reactor = Reactor()
     agent = Agent(config, reactor=reactor)
     agent.start()
@@ -185,6 +192,9 @@ def _simulate(args: argparse.Namespace) -> int:
         fleet=args.fleet,
         host=args.host,
         port=args.port,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         id_prefix=args.id_prefix,
         trusted_keys=load_trusted_keys(args.trusted_key),
         telemetry_window_s=args.telemetry_window,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from edgefleet.agent.errors import AgentError
+from edgefleet.agent.tls import client_tls_context
 from edgefleet.protocols.profile import DeviceProfile
 from edgefleet.protocols.topics import check_id
 
@@ -44,6 +46,11 @@ class AgentConfig:
     port: int = 1883
     username: str | None = None
     password: str | None = None
+    # TLS to the broker (all None: plaintext). The broker's certificate is checked against `tls_ca`; `tls_cert`
+    # (with `tls_key`, or holding the key itself) is presented when the broker asks for a client certificate.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     trusted_keys: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
     telemetry_window_s: float = 10.0
     request_timeout_s: float = 5.0
@@ -71,3 +78,16 @@ class AgentConfig:
             raise AgentError(
                 f"device {self.device_id}: telemetry window, request timeout and attempts must be positive"
             )
+        if self.tls_ca is None and (self.tls_cert is not None or self.tls_key is not None):
+            raise AgentError(f"device {self.device_id}: a TLS client certificate or key needs a CA file (tls_ca)")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise AgentError(f"device {self.device_id}: a TLS key needs its certificate (tls_cert)")
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The client TLS context for the broker connection (shared by devices with the same files), or None.
+
+        Raises AgentError naming the file when one is missing, unreadable or not valid PEM.
+        """
+        if self.tls_ca is None:
+            return None
+        return client_tls_context(self.tls_ca, self.tls_cert, self.tls_key)

@@ -12,7 +12,12 @@ thread. Each connection:
   body), so a plain TCP socket is wrapped to read up to 64 KiB at once and hand paho slices (`_ReadAhead`); a
   wake-up then stops at the first read that found the socket empty instead of trying `READS_PER_WAKEUP` times, and
   bytes already buffered (invisible to the selector) are read on the loop's next turn. The buffer is dropped as
-  soon as it is consumed, so an idle connection holds none of it.
+  soon as it is consumed, so an idle connection holds none of it;
+- speaks TLS when given a client `ssl.SSLContext` (`agent/tls.py`): the handshake runs on the reactor, never
+  blocking it (`SSLWantRead/WriteError` set what the selector waits for), and the TLS socket reads ahead too.
+  OpenSSL keeps decrypted bytes of a record that the selector cannot see, so `pending()` counts them and a
+  wake-up that leaves some goes on at the loop's next turn. A refused handshake (wrong CA, the broker wanting a
+  client certificate, a plaintext port) is logged as a warning that says why, and the link retries with back-off.
 
 Nothing paho-typed leaves this module: callers get `(topic, payload)` and plain ints.
 """
@@ -24,6 +29,7 @@ import functools
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefleet.agent.reactor import Reactor, Timer
+from edgefleet.agent.tls import describe_tls_error
 
 __all__ = ["MqttLink", "Will"]
 
@@ -45,21 +52,23 @@ READ_AHEAD = 65536
 
 
 class _ReadAhead:
-    """A TCP socket whose `recv` reads up to `READ_AHEAD` bytes at once and hands paho the bytes it asks for."""
+    """A TCP (or TLS) socket whose `recv` reads up to `READ_AHEAD` bytes at once and hands paho what it asks for."""
 
-    __slots__ = ("_data", "_pos", "_sock", "drained")
+    __slots__ = ("_data", "_pos", "_sock", "drained", "handshaking", "tls")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._data = b""
         self._pos = 0
         self.drained = False  # the last read from the kernel found nothing
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.handshaking = self.tls  # until `do_handshake` completes on the reactor
 
     def recv(self, bufsize: int) -> bytes:
         if self._pos >= len(self._data):
             try:
                 data = self._sock.recv(max(bufsize, READ_AHEAD))
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 self.drained = True
                 raise
             self.drained = False
@@ -75,7 +84,11 @@ class _ReadAhead:
         return chunk
 
     def pending(self) -> int:
-        return len(self._data) - self._pos
+        """Bytes read but not yet handed to paho: ours, and for TLS the decrypted ones OpenSSL still holds."""
+        mine = len(self._data) - self._pos
+        if self.tls:
+            return mine + int(self._sock.pending())  # type: ignore[attr-defined]
+        return mine
 
     def unread(self) -> bool:
         """Bytes buffered here or waiting in the kernel (a peek; nothing is consumed)."""
@@ -87,6 +100,8 @@ class _ReadAhead:
 
 def _peek(sock: Any) -> bool:
     try:
+        if isinstance(sock, ssl.SSLSocket):  # the kernel's bytes, under TLS (an SSLSocket refuses recv flags)
+            return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except (BlockingIOError, InterruptedError):
         return False
@@ -95,13 +110,34 @@ def _peek(sock: Any) -> bool:
 
 
 class _Client(paho.Client):
-    """paho's client with a read-ahead buffer on plain TCP sockets (see the module docstring)."""
+    """paho's client with a read-ahead buffer on TCP and TLS sockets, and a TLS handshake left to the reactor.
+
+    paho itself would do the handshake at once, blocking, in `_create_socket`: one slow or silent broker would
+    then stall every device on the loop. `tls_error` keeps the last TLS failure paho's reads swallowed.
+    """
+
+    tls_error: BaseException | None = None
 
     def _create_socket(self) -> Any:
+        context = self._ssl_context
+        if self._ssl and context is not None and self._transport == "tcp":
+            raw = self._create_socket_connection()
+            try:
+                return _ReadAhead(context.wrap_socket(raw, server_hostname=self._host, do_handshake_on_connect=False))
+            except BaseException:
+                raw.close()
+                raise
         sock = super()._create_socket()
         if type(sock) is socket.socket:  # not SSL, unix or websockets
             return _ReadAhead(sock)
         return sock
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return super()._sock_recv(bufsize)
+        except ssl.SSLError as exc:  # not "want read/write": paho turns those into BlockingIOError
+            self.tls_error = exc
+            raise
 
 
 # paho 2.x builds its socket in `_create_socket`; where another paho has no such method, plain paho is used.
@@ -132,9 +168,10 @@ class MqttLink:
     `on_message(topic, payload)`, `on_publish(mid)` (QoS 1 acknowledged).
     """
 
-    __slots__ = ("_attempts", "_client", "_keepalive", "_misc_timer", "_on_connect", "_on_disconnect", "_on_message",
-                 "_on_publish", "_reconnect_max_s", "_reconnect_min_s", "_retry_timer", "_session_expiry_s", "_sock",
-                 "_wanted", "client_id", "connected", "connects", "host", "port", "reactor")  # fmt: skip
+    __slots__ = ("_answered", "_attempts", "_client", "_keepalive", "_misc_timer", "_on_connect", "_on_disconnect",
+                 "_on_message", "_on_publish", "_reconnect_max_s", "_reconnect_min_s", "_retry_timer",
+                 "_session_expiry_s", "_sock", "_tls_reported", "_wanted", "client_id", "connected", "connects", "host",
+                 "last_error", "port", "reactor", "tls")  # fmt: skip
 
     def __init__(
         self,
@@ -155,6 +192,7 @@ class MqttLink:
         reconnect_min_s: float = 0.25,
         reconnect_max_s: float = 15.0,
         max_inflight: int = 20,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.reactor = reactor
         self.client_id = client_id
@@ -175,6 +213,9 @@ class MqttLink:
         self._retry_timer: Timer | None = None
         self.connected = False
         self.connects = 0
+        self.tls = tls is not None
+        self._answered = self._tls_reported = False  # this connection: CONNACK seen / TLS failure reported
+        self.last_error: str | None = None  # why the last connection attempt failed, for an operator
         client = _FACTORY(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -185,6 +226,8 @@ class MqttLink:
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         client.max_inflight_messages_set(max_inflight)
+        if tls is not None:
+            client.tls_set_context(tls)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
@@ -197,6 +240,9 @@ class MqttLink:
 
     # -- reactor I/O -------------------------------------------------------------------------------------------
     def handle_read(self) -> None:
+        if isinstance(self._sock, _ReadAhead) and self._sock.handshaking:
+            self._handshake(self._sock)
+            return
         # paho reads about one packet per loop_read call whatever max_packets says; a busy link (a controller
         # taking hundreds of block requests, a device taking a block broadcast) would otherwise get one packet
         # per turn of a loop shared with thousands of sockets.
@@ -209,7 +255,41 @@ class MqttLink:
             self.reactor.call_soon(self.handle_read)  # buffered bytes the selector cannot see: next turn
 
     def handle_write(self) -> None:
+        if isinstance(self._sock, _ReadAhead) and self._sock.handshaking:
+            self._handshake(self._sock)
+            return
         self._client.loop_write()
+
+    def _handshake(self, sock: _ReadAhead) -> None:
+        """One step of the TLS handshake; once done, the CONNECT paho queued at the socket's opening goes out."""
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.reactor.set_writing(sock, self, writing=False)  # type: ignore[arg-type]
+            return
+        except ssl.SSLWantWriteError:
+            self.reactor.set_writing(sock, self, writing=True)  # type: ignore[arg-type]
+            return
+        except (OSError, ValueError) as exc:  # ssl.SSLError and SSLCertVerificationError included
+            self._tls_failed(exc)
+            # paho's own path for a lost connection: closes the socket, calls on_disconnect, which retries
+            self._client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            return
+        sock.handshaking = False
+        self._client.loop_write()
+        if sock.pending():  # decrypted bytes read along with the handshake: the selector will not announce them
+            self.reactor.call_soon(self.handle_read)
+
+    def _tls_failed(self, exc: BaseException | str) -> None:
+        self._tls_reported = True
+        self.last_error = exc if isinstance(exc, str) else describe_tls_error(exc)
+        log.warning(
+            "%s: TLS connection to %s:%s failed: %s; retrying with back-off",
+            self.client_id,
+            self.host,
+            self.port,
+            self.last_error,
+        )
 
     def input_pending(self) -> bool:
         """Whether bytes from the broker wait unread (the loop has not got round to this connection yet)."""
@@ -219,6 +299,7 @@ class MqttLink:
         return sock.unread() if isinstance(sock, _ReadAhead) else _peek(sock)
 
     def _socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._answered = self._tls_reported = False
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
@@ -311,6 +392,7 @@ class MqttLink:
                 self._sock.shutdown(socket.SHUT_RDWR)
 
     def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._answered = True
         if reason.is_failure:
             log.warning("%s: broker refused the connection: %s", self.client_id, reason)
             self._schedule_retry()
@@ -322,6 +404,17 @@ class MqttLink:
             self._on_connect(bool(flags.session_present))
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        tls_error = getattr(client, "tls_error", None)
+        if tls_error is not None:  # the broker broke off under TLS (e.g. it wanted a client certificate)
+            client.tls_error = None
+            self._tls_failed(tls_error)
+        elif self.tls and not self._answered and not self._tls_reported:
+            # The handshake passed, then the broker hung up without a CONNACK: under TLS 1.3 that is how a broker
+            # requiring a client certificate refuses one (its alert may or may not reach us before the reset).
+            self._tls_failed(
+                "the broker closed the TLS connection before accepting MQTT "
+                "(does it require a client certificate? --tls-cert/--tls-key)"
+            )
         was_connected, self.connected = self.connected, False
         if was_connected and self._on_disconnect is not None:
             self._on_disconnect()

@@ -46,6 +46,10 @@ class SimulatorSpec:
     fleet: str = "demo"
     host: str = "127.0.0.1"
     port: int = 1883
+    # TLS to the broker (see AgentConfig); one SSL context is shared by every simulated device
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     id_prefix: str | None = None
     first_index: int = 0
     # Explicit ids (from a credentials file) win over PREFIX-00000 numbering.
@@ -92,6 +96,7 @@ class FleetSimulator:
         if spec.devices < 1:
             raise AgentError(f"simulate at least one device, not {spec.devices}")
         self.spec = spec
+        self.config_for(0).tls_context()  # a missing or bad TLS file fails here, not once per device later
         self._own_reactor = reactor is None
         self.reactor = reactor or Reactor()
         self.sessions = SessionPool()
@@ -115,6 +120,9 @@ class FleetSimulator:
             port=spec.port,
             username=device,
             password=spec.passwords.get(device),
+            tls_ca=spec.tls_ca,
+            tls_cert=spec.tls_cert,
+            tls_key=spec.tls_key,
             trusted_keys=spec.trusted_keys,
             telemetry_window_s=spec.telemetry_window_s,
             probation_s=spec.probation_s,

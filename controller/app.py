@@ -197,6 +197,7 @@ class ControllerApp:
             password=password,
             on_message=self.service.handle,
             subscriptions=subscriptions,
+            tls=settings.mqtt_tls,
         )
         if block_requests is None and serve_blocks:
             self.blocks = BlockServing(

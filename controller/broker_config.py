@@ -5,7 +5,9 @@
 - ACL patterns keyed on `%u` (from `protocols.topics`), so a device publishes only its own topics;
 - a controller user (and one for the CLI's deploys) that may use everything under the topic root; its password
   is generated once and kept in the home directory (mode 0600) for `edgefleet serve`;
-- anonymous clients refused; the tuned settings of `ManagedMosquitto` (nodelay, queue limits, persistence).
+- anonymous clients refused; the tuned settings of `ManagedMosquitto` (nodelay, queue limits, persistence);
+- with the `broker_tls_*` settings the listener speaks TLS only (`cafile`/`certfile`/`keyfile`, TLS 1.2+,
+  `require_certificate` when `broker_tls_require_certificate`); passwords and ACLs apply as before.
 
 Example::
 
@@ -23,7 +25,7 @@ from edgefleet.controller.config import CLI_USERNAME, CONTROLLER_USERNAME, Setti
 from edgefleet.controller.credentials import hash_secret, new_secret, password_file_line
 from edgefleet.controller.errors import ConfigError
 from edgefleet.controller.keys import write_private_file
-from edgefleet.controller.mosquitto import ManagedMosquitto
+from edgefleet.controller.mosquitto import ManagedMosquitto, TlsListener
 from edgefleet.protocols.topics import controller_acl_patterns, device_acl_patterns
 
 __all__ = ["BrokerFiles", "controller_secret", "managed_broker", "write_broker_config"]
@@ -53,6 +55,7 @@ def controller_secret(settings: Settings) -> str:
 def managed_broker(settings: Settings) -> ManagedMosquitto:
     """The broker `broker config` describes and `broker run` starts (listener from the MQTT settings)."""
     broker_dir = settings.broker_dir
+    tls = settings.broker_tls
     return ManagedMosquitto(
         broker_dir,
         host=settings.mqtt_host,
@@ -63,6 +66,7 @@ def managed_broker(settings: Settings) -> ManagedMosquitto:
             f"password_file {broker_dir / 'passwd'}",
             f"acl_file {broker_dir / 'acl'}",
         ],
+        tls=TlsListener(tls.ca, tls.cert, tls.key, tls.require_certificate) if tls is not None else None,
     )
 
 

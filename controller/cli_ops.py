@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
@@ -15,6 +17,7 @@ import typer
 from edgefleet.controller.artifacts import ArtifactCatalog
 from edgefleet.controller.broker_config import managed_broker, write_broker_config
 from edgefleet.controller.cli_common import JsonOpt, emit, fail, guarded, open_registry, settings_of
+from edgefleet.controller.config import Settings, convert_setting
 from edgefleet.controller.deploy import Deployer
 from edgefleet.controller.mosquitto import BrokerError
 from edgefleet.controller.mqtt import MqttClient
@@ -46,6 +49,7 @@ def deploy(  # noqa: PLR0917 - typer passes options by position
         username=username,
         password=password,
         session_expiry_s=0,
+        tls=settings.mqtt_tls,
     )
     deployer = Deployer(registry.db, catalog=catalog, publisher=client, actor=registry.actor)
     client.connect(timeout=10)
@@ -61,23 +65,71 @@ def deploy(  # noqa: PLR0917 - typer passes options by position
         raise typer.Exit(1)
 
 
+TlsCertOpt = Annotated[
+    Path | None,
+    typer.Option("--tls-cert", help="the broker's certificate (PEM): a TLS listener (setting broker_tls_cert)"),
+]
+TlsKeyOpt = Annotated[
+    Path | None, typer.Option("--tls-key", help="the broker's private key (PEM) (setting broker_tls_key)")
+]
+TlsCaOpt = Annotated[
+    Path | None,
+    typer.Option("--tls-ca", help="CA file client certificates chain to (setting broker_tls_ca, else mqtt_tls_ca)"),
+]
+RequireCertOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--require-certificate/--no-require-certificate",
+        help="refuse TLS clients without a certificate signed by the CA (setting broker_tls_require_certificate)",
+        show_default=False,
+    ),
+]
+
+
+def _with_broker_tls(
+    settings: Settings, cert: Path | None, key: Path | None, ca: Path | None, require: bool | None
+) -> Settings:
+    """The settings with the `broker config|run` TLS options applied (checked as the settings themselves are)."""
+    flags = {
+        "broker_tls_cert": cert,
+        "broker_tls_key": key,
+        "broker_tls_ca": ca,
+        "broker_tls_require_certificate": require,
+    }
+    given = {name: convert_setting(name, value, "option") for name, value in flags.items() if value is not None}
+    return dataclasses.replace(settings, **given) if given else settings
+
+
 @broker_app.command("config")
 @guarded
-def broker_config(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Write mosquitto.conf, the password file and the ACL for every registered device."""
-    settings = settings_of(ctx)
+def broker_config(  # noqa: PLR0917 - typer passes options by position
+    ctx: typer.Context,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
+    require_certificate: RequireCertOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write mosquitto.conf, the password file and the ACL for every registered device (TLS with --tls-cert)."""
+    settings = _with_broker_tls(settings_of(ctx), tls_cert, tls_key, tls_ca, require_certificate)
     files = write_broker_config(settings, open_registry(ctx).broker_accounts())
+    tls = settings.broker_tls
     value = {
         "config": str(files.config),
         "password_file": str(files.password_file),
         "acl_file": str(files.acl_file),
         "devices": files.devices,
         "listener": f"{settings.mqtt_host}:{settings.mqtt_port}",
+        "tls": tls is not None,
+        "require_certificate": tls is not None and tls.require_certificate,
     }
     if as_json:
         typer.echo(json.dumps(value, indent=2))
         return
-    typer.echo(f"wrote {files.config} ({files.devices} device(s), listener {value['listener']})")
+    kind = "TLS" if tls is not None else "plaintext"
+    typer.echo(f"wrote {files.config} ({files.devices} device(s), {kind} listener {value['listener']})")
+    if tls is not None and settings.mqtt_tls is None:
+        typer.echo("the controller needs mqtt_tls_ca (EDGEFLEET_MQTT_TLS_CA) to connect to a TLS listener")
     typer.echo(f"run it with `edgefleet broker run` or `mosquitto -c {files.config}`")
 
 
@@ -96,9 +148,15 @@ def _wait_for_signal(stop: threading.Event) -> None:
 
 @broker_app.command("run")
 @guarded
-def broker_run(ctx: typer.Context) -> None:
+def broker_run(
+    ctx: typer.Context,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
+    require_certificate: RequireCertOpt = None,
+) -> None:
     """Refresh the config from the registry and run Mosquitto with it until interrupted."""
-    settings = settings_of(ctx)
+    settings = _with_broker_tls(settings_of(ctx), tls_cert, tls_key, tls_ca, require_certificate)
     write_broker_config(settings, open_registry(ctx).broker_accounts())
     broker = managed_broker(settings)
     try:

@@ -11,6 +11,13 @@ field names of `Settings`, at the top level::
     shared_subscriptions = true
     recompress = true             # the closed loop: telemetry triggers recompression (see docs/operations.md)
     recompress_interval_s = 5.0
+    # TLS (docs/operations.md, "MQTT over TLS"; with mqtt_port = 8883): the controller checks the broker against
+    # mqtt_tls_ca and presents mqtt_tls_cert/mqtt_tls_key when the broker wants a client certificate; `broker
+    # config` writes a TLS listener from broker_tls_cert/broker_tls_key (client certificates checked against
+    # broker_tls_ca, else mqtt_tls_ca; required with broker_tls_require_certificate = true).
+    mqtt_tls_ca = "/etc/edgefleet/tls/ca.pem"
+
+A TLS file that is set but missing or unreadable is a ConfigError when the settings are loaded.
 
 Example::
 
@@ -28,7 +35,7 @@ from typing import Any
 
 from edgefleet.controller.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+__all__ = ["ENV_PREFIX", "BrokerTls", "MqttTls", "Settings", "convert_setting", "load_settings"]
 
 ENV_PREFIX = "EDGEFLEET_"
 CONFIG_FILE_NAME = "edgefleet.toml"
@@ -36,6 +43,25 @@ CONTROLLER_USERNAME = "edgefleet-controller"
 # The CLI publishes (deploys) under its own name: with `use_username_as_clientid` a second connection of the
 # service's user would take over the running service's session.
 CLI_USERNAME = "edgefleet-cli"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MqttTls:
+    """A client's TLS files: the CA the broker's certificate must chain to, an optional client certificate/key."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None  # None with a cert: the key is in the certificate file
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """A TLS listener's files: the broker's certificate and key, and the CA client certificates chain to."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    require_certificate: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +88,39 @@ class Settings:
     # The recompression loop (`edgefleet serve --recompress/--no-recompress`, `--recompress-interval`).
     recompress: bool = True
     recompress_interval_s: float = 5.0
+    # MQTT over TLS (all None: plaintext, the default).
+    mqtt_tls_ca: Path | None = None
+    mqtt_tls_cert: Path | None = None
+    mqtt_tls_key: Path | None = None
+    broker_tls_ca: Path | None = None
+    broker_tls_cert: Path | None = None
+    broker_tls_key: Path | None = None
+    broker_tls_require_certificate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mqtt_tls_ca is None and (self.mqtt_tls_cert is not None or self.mqtt_tls_key is not None):
+            raise ConfigError("mqtt_tls_cert/mqtt_tls_key need mqtt_tls_ca (the CA the broker's certificate chains to)")
+        if self.mqtt_tls_key is not None and self.mqtt_tls_cert is None:
+            raise ConfigError("mqtt_tls_key needs mqtt_tls_cert")
+        if (self.broker_tls_cert is None) != (self.broker_tls_key is None):
+            raise ConfigError("broker_tls_cert and broker_tls_key go together (the broker's certificate and key)")
+
+    @property
+    def mqtt_tls(self) -> MqttTls | None:
+        """The controller's TLS files for its MQTT connections, or None for plaintext."""
+        if self.mqtt_tls_ca is None:
+            return None
+        return MqttTls(self.mqtt_tls_ca, self.mqtt_tls_cert, self.mqtt_tls_key)
+
+    @property
+    def broker_tls(self) -> BrokerTls | None:
+        """The TLS listener `broker config` writes, or None for a plaintext one."""
+        if self.broker_tls_cert is None or self.broker_tls_key is None:
+            return None
+        ca = self.broker_tls_ca or self.mqtt_tls_ca
+        if ca is None:
+            raise ConfigError("a TLS listener needs a CA file: set broker_tls_ca (or mqtt_tls_ca)")
+        return BrokerTls(ca, self.broker_tls_cert, self.broker_tls_key, self.broker_tls_require_certificate)
 
     @property
     def db_url(self) -> str:
@@ -118,6 +177,18 @@ def _to_str(value: Any) -> str:
     return str(value)
 
 
+def _readable_file(value: Any) -> Path:
+    path = Path(_to_str(value)).expanduser()
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except IsADirectoryError as exc:
+        raise ValueError(f"{path} is a directory, not a PEM file") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return path
+
+
 def _positive_float(value: Any) -> float:
     number = float(value)
     if not number > 0 or number == float("inf"):
@@ -145,7 +216,21 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "flush_every": int,
     "recompress": _to_bool,
     "recompress_interval_s": _positive_float,
+    "mqtt_tls_ca": _readable_file,
+    "mqtt_tls_cert": _readable_file,
+    "mqtt_tls_key": _readable_file,
+    "broker_tls_ca": _readable_file,
+    "broker_tls_cert": _readable_file,
+    "broker_tls_key": _readable_file,
+    "broker_tls_require_certificate": _to_bool,
 }
+
+
+def convert_setting(name: str, value: Any, source: str) -> Any:
+    """One setting's value checked and converted as `load_settings` does (ConfigError naming `source`)."""
+    if name not in _CONVERT:
+        raise ConfigError(f"unknown setting {name}")
+    return _convert(name, value, source)
 
 
 def _convert(name: str, value: Any, source: str) -> Any:

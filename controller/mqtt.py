@@ -23,6 +23,12 @@ window): `on_done(mid)` runs on paho's thread (holding no lock of ours) once the
 message that paho drops on a reconnect is reported done at the next connect (it will never be written); a QoS 1
 message is sent again by paho and reported when acknowledged. Registration happens under paho's own out-message
 lock, so an acknowledgement that races the return of `publish` still finds its callback.
+
+With `tls=MqttTls(ca, cert, key)` the connection speaks TLS 1.2 or later, checks the broker's certificate against
+the CA file and its name against `host`, and presents the client certificate when given. The read-ahead buffer
+wraps the TLS socket as it does a TCP one; its `pending()` counts the decrypted bytes OpenSSL still holds, which
+`select()` cannot see. A refused handshake (wrong CA, a plaintext port, a broker wanting a client certificate)
+fails `connect()` at once with the reason instead of waiting for its timeout.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -40,7 +47,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.config import MqttTls
+from edgefleet.controller.errors import ConfigError, ControllerError
 
 __all__ = ["MqttClient", "MqttError"]
 
@@ -56,21 +64,22 @@ DoneCallback = Callable[[int], None]
 
 
 class _BufferedSocket:
-    """A TCP socket whose `recv` reads up to 64 KiB at once and hands paho the bytes it asks for.
+    """A TCP (or TLS) socket whose `recv` reads up to 64 KiB at once and hands paho the bytes it asks for.
 
     paho reads every packet with several tiny `recv` calls (one byte of header, the length byte by byte, then
     the body): four system calls or more per message. Reading ahead cuts that to a fraction of one, which
     roughly doubled the controller's receive rate in benchmarks/telemetry_ingest.py. `pending()` tells paho's
     loop that buffered bytes are waiting, exactly as it already asks SSL sockets, so it does not block in
-    `select()` while data sits in the buffer.
+    `select()` while data sits in the buffer (for TLS, in ours or in OpenSSL's).
     """
 
-    __slots__ = ("_data", "_pos", "_sock")
+    __slots__ = ("_data", "_pos", "_sock", "_tls")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._data = b""
         self._pos = 0
+        self._tls = isinstance(sock, ssl.SSLSocket)
 
     def recv(self, bufsize: int) -> bytes:
         if self._pos >= len(self._data):
@@ -84,7 +93,8 @@ class _BufferedSocket:
         return chunk
 
     def pending(self) -> int:
-        return max(0, len(self._data) - self._pos)
+        mine = max(0, len(self._data) - self._pos)
+        return mine + int(self._sock.pending()) if self._tls else mine
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -98,13 +108,42 @@ class _Client(paho.Client):
     - acknowledgements waiting to be written go out in one `send()` rather than one each, and paho's
       wake-up byte (one more `send()` per packet) is skipped for them on paho's own, already awake, thread.
     Each is a small override of paho's loop; with another paho (no `_create_socket`) plain paho is used.
+    `tls_error` keeps the last TLS failure (handshake or read), which paho itself only logs.
     """
 
+    tls_error: BaseException | None = None
+
     def _create_socket(self) -> Any:
-        sock = super()._create_socket()
-        if isinstance(sock, socket.socket) and not hasattr(sock, "pending"):
+        try:
+            sock = super()._create_socket()
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self.tls_error = exc
+            raise
+        if isinstance(sock, socket.socket):  # TCP or TLS; not websockets
             return _BufferedSocket(sock)
         return sock
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        # paho's own leaves the socket open when the handshake fails (a ResourceWarning per refused attempt).
+        # Our context checks the host name itself (`check_hostname`), as paho's does when the context asks.
+        context = self._ssl_context
+        if context is None:
+            return super()._ssl_wrap_socket(tcp_sock)
+        ssl_sock = context.wrap_socket(tcp_sock, server_hostname=self._host, do_handshake_on_connect=False)
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return super()._sock_recv(bufsize)
+        except ssl.SSLError as exc:  # not "want read/write": paho turns those into BlockingIOError
+            self.tls_error = exc
+            raise
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         rc = super().loop_read(max_packets)
@@ -137,6 +176,36 @@ class _Client(paho.Client):
         return super()._packet_write()
 
 
+def _tls_context(tls: MqttTls) -> ssl.SSLContext:
+    """A client context: TLS 1.2+, the broker's certificate checked against `tls.ca` and its name against the host."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=str(tls.ca))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"MQTT TLS CA file {tls.ca} cannot be used ({exc})") from exc
+    if tls.cert is not None:
+        try:
+            context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key is not None else None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"MQTT TLS client certificate {tls.cert} and key {tls.key or tls.cert} cannot be used ({exc})"
+            ) from exc
+    return context
+
+
+def _describe_tls(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or str(exc)
+        return f"the broker's certificate was refused: {why} (wrong CA file, or a host name it does not name?)"
+    reason = (getattr(exc, "reason", None) or str(exc)).upper()
+    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER" in reason:
+        return f"{exc} (is the port a plaintext listener?)"
+    if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
+        return f"{exc} (does the broker require a client certificate?)"
+    return str(exc)
+
+
 class MqttError(ControllerError):
     """The broker cannot be reached, refused us, or did not acknowledge a publish in time."""
 
@@ -160,8 +229,11 @@ class MqttClient:
         min_backoff_s: int = 1,
         max_backoff_s: int = 30,
         max_inflight: int = 1000,
+        tls: MqttTls | None = None,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
+        self.tls = tls
+        self._tls_context = _tls_context(tls) if tls is not None else None
         self.username, self.password = username, password
         self.on_message = on_message
         self.subscriptions = tuple(subscriptions)
@@ -200,6 +272,9 @@ class MqttClient:
         client.reconnect_delay_set(self.min_backoff_s, self.max_backoff_s)
         client.max_inflight_messages_set(self.max_inflight)
         client.max_queued_messages_set(0)
+        if self._tls_context is not None:
+            client.tls_set_context(self._tls_context)
+            client.on_connect_fail = self._on_connect_fail
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -277,10 +352,25 @@ class MqttClient:
         self._answered.set()
         log.info("connected to %s:%s (session present: %s)", self.host, self.port, flags.session_present)
 
+    def _tls_refused(self, client: paho.Client) -> bool:
+        error = getattr(client, "tls_error", None)
+        if error is None:
+            return False
+        client.tls_error = None  # type: ignore[attr-defined]
+        self._refusal = f"TLS failed: {_describe_tls(error)}"
+        log.warning("MQTT over TLS to %s:%s: %s; retrying with backoff", self.host, self.port, self._refusal)
+        self._answered.set()  # connect() reports it at once
+        return True
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._tls_refused(client)
+
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
     ) -> None:
         self._connected.clear()
+        if self._tls_refused(client):
+            return
         if reason.is_failure:
             log.warning("disconnected from %s:%s (%s); reconnecting with backoff", self.host, self.port, reason)
 

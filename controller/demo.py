@@ -432,11 +432,12 @@ class Demo:
             for note in model.notes:
                 self.console.print(f"  {name}: {note}")
             if name == self.options.slow_class:
+                host = model.metrics.get("latency_p95_ms_host", 0.0)
+                sf, budget = self.profiles[name].speed_factor, self.profiles[name].latency_budget_ms
+                slow = self.options.slow_factor
                 self.console.print(
-                    f"  {name}: the accurate full-width student, p95 {model.metrics.get('latency_p95_ms_host', 0):.3f}"
-                    " ms "
-                    f"here x speed factor {self.profiles[name].speed_factor:g}: within its "
-                    f"{self.profiles[name].latency_budget_ms:g} ms budget"
+                    f"  {name}: the accurate full-width student, p95 {host:.3f} ms here x speed factor {sf:g} = "
+                    f"{host * sf:.2f} ms, within its {budget:g} ms budget; {slow:g}x slower: {host * sf * slow:.2f} ms"
                 )
         self.seconds["compress"] = round(time.monotonic() - began, 1)
         return built

@@ -3,7 +3,8 @@
 torch is imported inside the functions only (the controller never loads it at import time). With the planner,
 each class gets a search with a small time budget; a class for which nothing fits in that budget falls back to
 its fixed recipe below, chosen to fit the shipped profiles (cortex-a53: a 48 KiB partition, so a quarter-width
-student in int8; rpi4: a 1.5 ms budget at speed factor 6 with no int8 dot-product, so a quarter-width fp32 student).
+student in int8; rpi4: a 2 ms budget at speed factor 5.5 with no int8 dot-product, so a quarter-width fp32 student,
+which also fits when the devices run 2.5x slower).
 
 Example::
 

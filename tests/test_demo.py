@@ -222,14 +222,15 @@ def test_the_planted_artifact_swaps_labels_and_nothing_else(tmp_path: Path) -> N
 
 
 def test_the_recompression_takes_the_most_accurate_rung_predicted_to_fit() -> None:
-    # baseline 2 ms (of which 1 ms is the full model's compute at speed factor 5), now 2.5x slower, budget 5 ms
-    kw: dict[str, Any] = {"base_p95_ms": 2.0, "slowdown": 2.5, "speed_factor": 5.0, "current_host_ms": 0.2,
-                          "budget_ms": 5.0}  # fmt: skip
+    # baseline 1.1 ms (of which 1 ms is the full model's compute at speed factor 5), now 2.5x slower, budget 2 ms
+    kw: dict[str, Any] = {"base_p95_ms": 1.1, "slowdown": 2.5, "speed_factor": 5.0, "current_host_ms": 0.2,
+                          "budget_ms": 2.0}  # fmt: skip
     index, predicted = choose_rung(rung_host_ms=[0.2, 0.08, 0.03], **kw)
-    assert predicted == pytest.approx([5.0, 3.5, 2.875])
-    assert index == 1  # the full model would sit right at the budget: no margin
+    assert predicted == pytest.approx([2.75, 1.25, 0.625])
+    assert index == 1  # the first rung that fits with the margin (1.25 x 1.5 <= 2)
+    assert choose_rung(rung_host_ms=[0.2, 0.1, 0.03], **kw)[0] == 2  # 1.5 fits, but not with a 1.5x margin
     assert choose_rung(rung_host_ms=[0.2, 0.18], **kw)[0] == 1  # nothing fits: the fastest rung
-    assert choose_rung(rung_host_ms=[0.2, 0.08], **{**kw, "slowdown": 1.0})[0] == 0
+    assert choose_rung(rung_host_ms=[0.2, 0.08], **{**kw, "base_p95_ms": 0.9, "slowdown": 1.0})[0] == 0
 
 
 @pytest.mark.parametrize(

@@ -4,16 +4,19 @@ and the block server's coalescing, rate limit and in-flight window."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from agentkit import tiny_model
 
 from edgefleet.agent.download import Download
-from edgefleet.agent.errors import SlotError, StateError, TransitionError
+from edgefleet.agent.errors import InferenceError, SlotError, StateError, TransitionError
 from edgefleet.agent.jobstore import JobRecord, JobStore
 from edgefleet.agent.machine import MAX_MOVES_PER_JOB, TERMINAL, TRANSITIONS, Event, State, next_state
 from edgefleet.agent.persist import read_json, write_json
+from edgefleet.agent.runner import ModelRunner
 from edgefleet.agent.slots import Slots
 from edgefleet.agent.spool import Spool
 from edgefleet.agent.window import Window
@@ -204,3 +207,53 @@ def test_block_server_does_not_resend_a_block_asked_again_right_after_sending(tm
     clock.now = 6.0
     server.pump()
     assert [decode_block(p).index for _, p in sent[count:]] == [0, 1]
+
+
+class _Ticks:
+    """A clock that returns the next of its values and counts its calls."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.values.pop(0)
+
+
+def test_runner_times_a_real_device_once_and_a_simulated_one_on_its_warm_second_run(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(tiny_model(1))
+    x = np.ones((1, 4), dtype=np.float32)
+    # Unscaled (a real device): one run, timed as is, wake-up and all.
+    clock = _Ticks(10.0, 10.004)
+    outputs, latency = ModelRunner(path, threads=1, clock=clock).run_raw(x)
+    assert clock.calls == 2
+    assert latency == pytest.approx(0.004)
+    # Scaled (a simulated device): the outputs of the first run, the time of the second (warm) one x the scale.
+    clock = _Ticks(10.0, 10.004, 10.004, 10.0045)
+    scaled, latency = ModelRunner(path, threads=1, latency_scale=4.0, clock=clock).run_raw(x)
+    assert clock.calls == 4
+    assert latency == pytest.approx(0.0005 * 4.0)
+    np.testing.assert_array_equal(scaled, outputs)
+    with pytest.raises(InferenceError, match="inference failed"):
+        ModelRunner(path, threads=1, latency_scale=4.0).run_raw(np.ones((1, 5), dtype=np.float32))
+
+
+def test_scaled_latency_after_an_idle_sleep_stays_near_the_back_to_back_one(tmp_path: Path) -> None:
+    """The host's wake-up after a sleep (0.2-0.3 ms on a VM, many times this model's compute) is not scaled into a
+    simulated device's latency. Wide margins: the host is shared and noisy."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(tiny_model(2))
+    x = np.ones((1, 4), dtype=np.float32)
+    scale = 10.0
+    runner = ModelRunner(path, threads=1, latency_scale=scale)
+    for _ in range(20):
+        runner.run_raw(x)
+    back_to_back = float(np.median([runner.run_raw(x)[1] for _ in range(200)]))
+    after_sleep = []
+    for _ in range(15):
+        time.sleep(0.03)
+        after_sleep.append(runner.run_raw(x)[1])
+    # The model's compute is a few microseconds: a scaled wake-up floor would put the median at 2-3 ms.
+    assert float(np.median(after_sleep)) <= 4 * back_to_back + 0.05e-3 * scale

@@ -273,9 +273,9 @@ def test_status_and_metrics_show_the_breached_gate(field: Callable[..., Field]) 
     assert value("edgefleet_rollout_state", {**labels, "state": "running"}) == 0
     assert value("edgefleet_rollout_gate_breached", {"rollout": str(rid), "gate": "latency_p95"}) == 1
     assert value("edgefleet_rollout_gate_value", {"rollout": str(rid), "gate": "latency_p95"}) == 0.01
-    assert value("edgefleet_rollout_gate_threshold", {"rollout": str(rid), "gate": "latency_p95"}) == 0.005
+    assert value("edgefleet_rollout_gate_threshold", {"rollout": str(rid), "gate": "latency_p95"}) == 0.002
     assert value("edgefleet_rollout_devices", {"rollout": str(rid), "wave": "canary", "outcome": "active"}) == 1
-    assert value("edgefleet_class_latency_budget_seconds", {"device_class": "rpi4"}) == 0.005
+    assert value("edgefleet_class_latency_budget_seconds", {"device_class": "rpi4"}) == 0.002
     view = describe(f.db, rid)
     assert view["waves"][0]["states"] == {"active": 1}
     console = Console(record=True, width=160)

@@ -277,6 +277,7 @@ class ScriptedFleet:
     def _stream(self) -> None:
         seq = 0
         while not self._stop.is_set():
+            # rpi4 (2 ms budget): a p95 in the 10 ms bucket, far over it; the gateways (0.5 ms): within theirs.
             for device in RPI:
                 version = self.versions.get(device, 1)
                 payload = telemetry(
@@ -284,7 +285,7 @@ class ScriptedFleet:
                 )
                 self.publish(telemetry_topic(self.fleet, device), payload)
             for device in (d for d in GATEWAYS if d not in self.offline):
-                payload = telemetry(seq, latencies=(0.0004, 0.0006), labelled=2, correct=2, errors=0)
+                payload = telemetry(seq, latencies=(0.0002, 0.0003), labelled=2, correct=2, errors=0)
                 self.publish(telemetry_topic(self.fleet, device), payload)
             self.publish(telemetry_topic(self.fleet, RPI[1]), b"{not telemetry")
             seq += 1

@@ -92,6 +92,15 @@ class PlanOptions(_Frozen):
         ),
     ] = 1.2
     max_chains: Annotated[int, Field(ge=1, le=32, description="structural recipes tried at the first rung")] = 8
+    accuracy_tie: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=0.05,
+            description="fits whose validation accuracy is within this of the best fit's count as equally accurate; "
+            "the smallest of them (then the fastest) is chosen",
+        ),
+    ] = 0.005
     seed: int = 0
 
 

@@ -109,14 +109,20 @@ def _gemm_heavy(data: bytes) -> bool:
     return total > 0 and sum(v for k, v in sizes.items() if k in gemm) > total / 2
 
 
-def _choose(candidates: list[Candidate], n_val: int) -> Candidate | None:
+def _choose(candidates: list[Candidate], n_val: int, *, tie: float = 0.0) -> Candidate | None:
+    """The smallest (then fastest) fit among those as accurate as the best fit, give or take `tie`.
+
+    One or two validation samples apart is noise, not a reason to ship a model twice the size: on the digits
+    example (360 samples) fp16 at 100% and int8 at 99.7% are one sample apart.
+    """
     feasible = [c for c in candidates if c.fits]
     if not feasible:
         return None
-    return max(
-        feasible,
-        key=lambda c: (round(c.measurement.accuracy * n_val), -c.measurement.file_bytes, -c.predicted_latency_ms),
-    )
+    correct = {id(c): round(c.measurement.accuracy * n_val) for c in feasible}
+    best = max(correct.values())
+    slack = int(tie * n_val + 1e-9)
+    near = [c for c in feasible if correct[id(c)] >= best - slack]
+    return min(near, key=lambda c: (c.measurement.file_bytes, c.predicted_latency_ms, -correct[id(c)]))
 
 
 def _binding(
@@ -255,7 +261,7 @@ def _result(
     fp32 = judge(judge.reference)
     candidates = [judge(e) for e in evaluator.results.values()]
     by_key = {c.key: c for c in candidates}
-    chosen = _choose(candidates, len(evaluator.task.y_val))
+    chosen = _choose(candidates, len(evaluator.task.y_val), tie=judge.options.accuracy_tie)
     closest = None if chosen is not None else min(candidates, key=_distance)
     notes = [*analysis.notes, *outcome.rungs, *(f"failed: {why}" for why in evaluator.failures.values())]
     return PlanResult(

@@ -15,7 +15,7 @@ field names of `Settings`, at the top level::
     # mqtt_tls_ca and presents mqtt_tls_cert/mqtt_tls_key when the broker wants a client certificate; `broker
     # config` writes a TLS listener from broker_tls_cert/broker_tls_key (client certificates checked against
     # broker_tls_ca, else mqtt_tls_ca; required with broker_tls_require_certificate = true).
-    mqtt_tls_ca = "/etc/edgefleet/tls/ca.pem"
+    mqtt_tls_ca = "/etc/edgefleet/tls/ca.crt"
 
 A TLS file that is set but missing or unreadable is a ConfigError when the settings are loaded.
 

@@ -82,3 +82,6 @@ def test_the_agent_gets_its_password_as_a_credential() -> None:
     for variable in ("EDGEFLEET_MQTT_HOST", "EDGEFLEET_FLEET", "EDGEFLEET_DEVICE_CLASS", "EDGEFLEET_DEVICE_ID"):
         assert f"${{{variable}}}" in service["ExecStart"]
         assert f"{variable}=" in env
+    # TLS arguments unbraced: systemd splits them into words (and drops an empty value)
+    assert "$EDGEFLEET_AGENT_TLS_ARGS" in service["ExecStart"]
+    assert "EDGEFLEET_AGENT_TLS_ARGS=--tls-ca " in env

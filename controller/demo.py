@@ -811,15 +811,18 @@ class Demo:
         try:
             yield
         finally:
-            # A second Ctrl-C while stopping would leave processes behind: ignore it until all is stopped.
+            # A second Ctrl-C or SIGTERM while stopping would leave processes behind (the fleets run in sessions of
+            # their own): both are ignored until everything is stopped.
             main = threading.current_thread() is threading.main_thread()
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            previous = (
+                {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+            )
             try:
                 with self.console.status("stopping the fleets, the controller and the broker..."):
                     self._stop_all()
             finally:
-                if main:
-                    signal.signal(signal.SIGINT, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             self.console.print("[green]✓[/] stopped everything the demo started")
 
     def _stop_all(self) -> None:

@@ -131,18 +131,43 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(path) as archive:
             unpacked = sum(info.file_size for info in archive.infolist())
+            if unpacked > MAX_VALIDATION_FILE_BYTES:  # a small file may inflate to gigabytes
+                raise ValidationDataError(f"{path} unpacks to {unpacked} bytes, more than {MAX_VALIDATION_FILE_BYTES}")
+            for info in archive.infolist():
+                _check_npy_header(path, archive, info)
     except (OSError, zipfile.BadZipFile) as exc:
         raise ValidationDataError(f"{path} is not a readable .npz file ({exc})") from exc
-    if unpacked > MAX_VALIDATION_FILE_BYTES:  # a small file may inflate to gigabytes
-        raise ValidationDataError(f"{path} unpacks to {unpacked} bytes, more than {MAX_VALIDATION_FILE_BYTES}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
     except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False", bad headers
         reason = "it holds pickled (object) arrays, which are refused" if "pickle" in str(exc) else str(exc)
         raise ValidationDataError(f"{path}: cannot load the arrays: {reason}") from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValidationDataError(f"{path} is not a readable .npz file ({exc})") from exc
+    except (OSError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
+        raise ValidationDataError(f"{path} is not a readable .npz file ({exc!r})") from exc
+
+
+def _check_npy_header(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """numpy allocates the shape an .npy header claims before reading any data: a 300-byte file can ask for 64 GiB.
+    So the claimed array must fit in the bytes the member really holds (and the file cap), checked before loading."""
+    if not info.filename.endswith(".npy"):
+        return
+    try:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version in {(2, 0), (3, 0)}:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValidationDataError(f"{path}: {info.filename} has .npy format {version}, which is not known")
+    except ValueError as exc:  # bad magic, bad header, pickled dtype descriptions
+        raise ValidationDataError(f"{path}: {info.filename} has no readable .npy header ({exc})") from exc
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > min(info.file_size, MAX_VALIDATION_FILE_BYTES):
+        raise ValidationDataError(
+            f"{path}: {info.filename} claims shape {shape} of {dtype} ({claimed} bytes) but holds {info.file_size}"
+        )
 
 
 class NumericKind(StrEnum):

@@ -391,3 +391,33 @@ def test_ctrl_c_stops_everything_the_demo_started_and_metrics_are_up_meanwhile(t
     assert proc.returncode == 130, err[-2000:]
     assert "everything the demo started is stopped" in err
     assert not [p for p in pids if _alive(p)]
+
+
+def test_a_second_sigterm_while_stopping_does_not_cut_the_teardown_short(tmp_path: Path) -> None:
+    """The fleets run in sessions of their own: a signal escaping the teardown would leave them running."""
+    import io
+
+    from rich.console import Console
+
+    from edgefleet.controller.demo import Demo
+
+    demo = Demo(DemoOptions(home=tmp_path), console=Console(file=io.StringIO()))
+    stopped: list[str] = []
+
+    def stop_all() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while stopping
+        time.sleep(0.05)
+        stopped.append("all")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    demo._stop_all = stop_all  # type: ignore[method-assign]
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with demo._teardown():
+            pass
+        assert stopped == ["all"]
+        assert signal.getsignal(signal.SIGTERM) is interrupt, "the handler is back once everything is stopped"
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -207,6 +207,18 @@ def test_hostile_files_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ValidationSet.load(_npz(tmp_path / "big.npz", x=np.ones((300, 100), np.float32)))
 
 
+def test_an_npy_header_claiming_a_huge_array_is_refused_before_numpy_allocates_it(tmp_path: Path) -> None:
+    """A few hundred bytes whose header says (65536, 65536, 4) float32: numpy would allocate 64 GiB first."""
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (65536, 65536, 4), }"
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"
+    raw = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + b"\0" * 64
+    lying = tmp_path / "lying.npz"
+    with zipfile.ZipFile(lying, "w") as archive:
+        archive.writestr("x.npy", raw)
+    with pytest.raises(ValidationDataError, match=r"x\.npy claims shape \(65536, 65536, 4\)"):
+        ValidationSet.load(lying)
+
+
 # --- building samples ------------------------------------------------------------------------------------------
 
 

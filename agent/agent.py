@@ -307,8 +307,8 @@ class Agent:
         """The active slot changed: the telemetry window so far is closed under the model it ran on, so no window
         mixes two models' latencies and accuracy (the gates and triggers judge each model on its own windows);
         `runner` is the new model's session when the caller has one loaded (validation), else it loads lazily."""
-        previous = self._tag
         with self._lock:
+            previous = self._tag
             self._runner = runner
             self._tag = None
         if self._window_timer is not None and self.alive and not self.telemetry.window_empty():

@@ -270,7 +270,8 @@ class MqttLink:
         except ssl.SSLWantWriteError:
             self.reactor.set_writing(sock, self, writing=True)  # type: ignore[arg-type]
             return
-        except (OSError, ValueError) as exc:  # ssl.SSLError and SSLCertVerificationError included
+        except (OSError, ValueError, AttributeError) as exc:  # ssl.SSLError and SSLCertVerificationError included;
+            # AttributeError: the socket was shut down meanwhile (a dropped link), ssl's object is gone
             self._tls_failed(exc)
             # paho's own path for a lost connection: closes the socket, calls on_disconnect, which retries
             self._client._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)

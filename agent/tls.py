@@ -49,10 +49,15 @@ def client_tls_context(ca: Path, cert: Path | None = None, key: Path | None = No
         if key is not None:
             _readable(key, "key")
         try:
-            context.load_cert_chain(str(cert), str(key) if key is not None else None)
+            context.load_cert_chain(str(cert), str(key) if key is not None else None, password=_no_passphrase)
         except (ssl.SSLError, ValueError) as exc:
             raise AgentError(f"TLS certificate {cert} and key {key or cert} are not a valid PEM pair ({exc})") from exc
     return context
+
+
+def _no_passphrase() -> bytes:
+    """Instead of OpenSSL's prompt on the terminal (a service would hang at start): an encrypted key is an error."""
+    raise ValueError("the private key is encrypted; the agent needs an unencrypted key file (mode 0600)")
 
 
 def describe_tls_error(exc: BaseException) -> str:

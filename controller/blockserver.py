@@ -376,6 +376,11 @@ class BlockServer:
                     payload = os.pread(stream.fd, length, index * stream.block_size)
                 except OSError as exc:
                     self._log_once(stream.sha256, "block server: cannot read %s: %s", stream.path, exc)
+                    if self._uncovered and not any(s.pending for s in self._streams.values()):
+                        # no marker will follow to cover the blocks sent since the last one: release them now
+                        self._inflight_blocks -= self._uncovered
+                        self._uncovered = 0
+                        self._cond.notify_all()
                     continue
                 message = encode_block(stream.sha256, index, payload)
                 if self.rate is not None:

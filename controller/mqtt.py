@@ -176,6 +176,11 @@ class _Client(paho.Client):
         return super()._packet_write()
 
 
+def _no_passphrase() -> bytes:
+    """Instead of OpenSSL's prompt on the terminal (a service would hang at start): an encrypted key is an error."""
+    raise ValueError("the private key is encrypted; the controller needs an unencrypted key file (mode 0600)")
+
+
 def _tls_context(tls: MqttTls) -> ssl.SSLContext:
     """A client context: TLS 1.2+, the broker's certificate checked against `tls.ca` and its name against the host."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -186,7 +191,8 @@ def _tls_context(tls: MqttTls) -> ssl.SSLContext:
         raise ConfigError(f"MQTT TLS CA file {tls.ca} cannot be used ({exc})") from exc
     if tls.cert is not None:
         try:
-            context.load_cert_chain(str(tls.cert), str(tls.key) if tls.key is not None else None)
+            key = str(tls.key) if tls.key is not None else None
+            context.load_cert_chain(str(tls.cert), key, password=_no_passphrase)
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"MQTT TLS client certificate {tls.cert} and key {tls.key or tls.cert} cannot be used ({exc})"

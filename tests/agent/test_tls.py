@@ -205,6 +205,20 @@ def test_missing_or_broken_tls_files_are_clear_errors_at_start(certs: Certs, key
         client_tls_context(certs.ca, certs.client_cert, certs.server_key)  # someone else's key
     with pytest.raises(AgentError, match="cannot be read"):
         client_tls_context(certs.ca, certs.client_cert, missing)
+    # an encrypted key: a clear error, never OpenSSL's passphrase prompt (a service would hang at start)
+    from cryptography.hazmat.primitives import serialization
+
+    plain = serialization.load_pem_private_key(certs.client_key.read_bytes(), password=None)
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(AgentError, match="not a valid PEM pair"):
+        client_tls_context(certs.ca, certs.client_cert, locked)
     with pytest.raises(AgentError, match="needs a CA file"):
         AgentConfig(fleet=FLEET, device_id="d2", profile=PROFILE, data_dir=tmp_path, tls_cert=certs.client_cert)
     with pytest.raises(AgentError, match="needs its certificate"):

@@ -63,6 +63,7 @@ class Fetcher:
         self.done = False
         self.requests_sent = 0
         self.blocks_accepted = 0
+        self._accepted_at_reconnect = -1  # blocks_accepted at the last reconnect (-1: none yet)
 
     def _current_timeout(self) -> float:
         return float(min(self._timeout_max_s, self._timeout_s * 2.0**self._attempts))
@@ -93,11 +94,27 @@ class Fetcher:
             self.requests_sent += 1
 
     def reconnected(self) -> None:
-        """The link is back: ask for what is missing at once rather than waiting for the timer."""
-        if not self.done:
-            self._request(None)
-            self._last_progress = self.reactor.clock()
-            self._arm()
+        """The link is back: ask for what is missing at once rather than waiting for the timer.
+
+        A reconnect with no block accepted since the previous one counts as an attempt: a link that flaps faster
+        than the quiet timeout (e.g. two clients taking the same id in turns) must still end in CONNECTION_LOST.
+        """
+        if self.done:
+            return
+        if self.blocks_accepted == self._accepted_at_reconnect:
+            self._attempts += 1
+            if self._attempts >= self._max_attempts:
+                self._fail(
+                    ResultCode.CONNECTION_LOST,
+                    f"the link came back {self._attempts} times in a row with no block of artifact "
+                    f"{self.download.artifact} in between ({self.download.have}/{self.download.count} held); "
+                    "giving up",
+                )
+                return
+        self._accepted_at_reconnect = self.blocks_accepted
+        self._request(None)
+        self._last_progress = self.reactor.clock()
+        self._arm()
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -217,3 +217,29 @@ def test_bytes_forever_unread_do_not_stop_the_timeout(tmp_path: Path) -> None:
         assert len(requests) == 2, "the first request and one re-request, each after its patience ran out"
     finally:
         reactor.close()
+
+
+def test_a_link_flapping_faster_than_the_timeout_still_ends_in_connection_lost(tmp_path: Path) -> None:
+    reactor = Reactor()
+    download = Download(tmp_path, artifact="ef" * 32, size=100, block_size=4096, block_hashes=["00" * 32])
+    done: list[ResultCode] = []
+    fetcher = Fetcher(
+        download,
+        reactor,
+        send_request=lambda r: True,
+        on_complete=lambda: done.append(ResultCode.OK),
+        on_fail=lambda code, detail: done.append(code),
+        timeout_s=60.0,
+        timeout_max_s=60.0,
+        max_attempts=3,
+    )
+    try:
+        fetcher.start()
+        fetcher.reconnected()  # the first reconnect is free: blocks may simply have been cut off
+        for _ in range(3):
+            if not done:
+                fetcher.reconnected()
+        assert done == [ResultCode.CONNECTION_LOST]
+    finally:
+        fetcher.cancel()
+        reactor.close()

@@ -13,10 +13,12 @@ Builds: by default `step` calls the builder inline (tests, one-shot tools). In t
 `RecompressionRunner` (controller/recompress_runner.py) sets `submit`: `step` then hands each recompression in
 `building` to that worker thread and returns at once, and the worker records the result (`run_build`).
 
-Restart: a controller killed during a build leaves its recompression in `building`. `recover` (called by the runner
-when it starts) retries such a build once, noting why in `note` and the audit log; a recompression found in
-`building` by a second restart is marked failed ("the controller stopped twice during this build"), so a build that
-kills its controller cannot loop. Its trigger fires again after the cooldown if the problem persists.
+Restart: a controller killed during a build leaves its recompression in `building`. When a build begins,
+`begin_build` marks its row (in `note`); `recover` (called by the runner when it starts) retries such a build once,
+noting why in `note` and the audit log; a recompression whose retried build had begun again when the controller
+stopped is marked failed ("the controller stopped twice during this build"), so a build that kills its controller
+cannot loop. Rows in `building` whose build never began (only one build runs at a time) just wait for their turn.
+Its trigger fires again after the cooldown if the problem persists.
 
 Example::
 
@@ -34,10 +36,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from edgefleet.controller.db import Database
-from edgefleet.controller.errors import ConflictError, ControllerError, NotFoundError
+from edgefleet.controller.errors import ConflictError, ControllerError, DatabaseUnavailableError, NotFoundError
 from edgefleet.controller.recompress_policy import RecompressionPolicy, Trigger, detect
 from edgefleet.controller.registry import profile_of
 from edgefleet.controller.rollout_plan import GateConfig, RolloutState, WavePlan
@@ -59,6 +62,8 @@ log = logging.getLogger(__name__)
 
 OPEN_STATES = ("building", "pending", "rolling_out")
 RESTART_NOTE = "retrying: the controller stopped during this build"
+BUILD_STARTED = "building since"  # the note of a row whose build began
+RETRY_STARTED = "; building again since"  # appended to RESTART_NOTE when the retried build begins
 LIVE_ROLLOUTS = (RolloutState.PENDING.value, RolloutState.RUNNING.value, RolloutState.PAUSED.value)
 
 
@@ -258,6 +263,8 @@ class RecompressionLoop:
         if self.builder is None:
             self.fail(request.recompression_id, "no compression worker is attached", now)
             return
+        if not self.begin_build(request.recompression_id, now):
+            return
         try:
             result = self.builder(request)
         except Exception as exc:  # the worker runs torch: any failure ends this recompression, not the loop
@@ -277,17 +284,39 @@ class RecompressionLoop:
         """End a recompression that is still building as failed, with the reason."""
         self._finish(recompression_id, "failed", now or self.clock(), note=note)
 
+    def begin_build(self, recompression_id: int, now: dt.datetime | None = None) -> bool:
+        """Mark the row's build as begun (what `recover` goes by); False when it is no longer building."""
+        now = now or self.clock()
+        with self.db.transaction(f"starting the build of recompression {recompression_id}") as session:
+            row = session.get(Recompression, recompression_id, with_for_update=True)
+            if row is None or row.state != "building":  # recorded or rejected since it was listed
+                return False
+            if row.note is not None and row.note.startswith(RESTART_NOTE):
+                if RETRY_STARTED not in row.note:
+                    row.note = f"{row.note}{RETRY_STARTED} {now.isoformat()}"
+            else:
+                row.note = f"{BUILD_STARTED} {now.isoformat()}"
+            row.updated_at = now
+            session.add(row)
+        return True
+
     def recover(self, now: dt.datetime | None = None) -> list[int]:
-        """After a restart: retry each build left in `building` once; fail those already retried. Returns retried."""
+        """After a restart: retry each interrupted build once; fail one interrupted again. Returns retried.
+
+        Only builds that began count (`begin_build`): a row still waiting for the build thread is left to it.
+        """
         now = now or self.clock()
         retried = []
         with self.db.transaction("recovering interrupted recompression builds") as session:
             rows = session.exec(select(Recompression).where(Recompression.state == "building")).all()
             for row in rows:
-                if row.note is not None and row.note.startswith(RESTART_NOTE):
+                note = row.note or ""
+                if note.startswith(RESTART_NOTE) and RETRY_STARTED in note:
                     row.state, row.finished_at = "failed", now
                     row.note = "the controller stopped twice during this build; giving up (see the controller log)"
                     action = "recompress.failed"
+                elif not note.startswith(BUILD_STARTED):
+                    continue  # its build never began: it waits for its turn
                 else:
                     row.note = f"{RESTART_NOTE} (found building at {now.isoformat()})"
                     action = "recompress.retry"
@@ -306,6 +335,8 @@ class RecompressionLoop:
                 return
             row.artifact_id, row.report_json = result.artifact_id, json.dumps(result.report, default=str)
             row.state, row.updated_at = "pending", now
+            if row.note is not None and row.note.startswith(BUILD_STARTED):
+                row.note = None  # the build is over; a retry's note stays (why it was built twice)
             session.add(row)
             self._audit(session, "recompress.built", row.class_name, now, id=row.id, artifact=result.artifact_id)
         if row.mode == "auto":
@@ -314,8 +345,13 @@ class RecompressionLoop:
     def _auto_approve(self, recompression_id: int) -> None:
         try:
             self.approve(recompression_id, actor=f"{self.actor} (policy: auto)")
-        except ControllerError as exc:  # e.g. an operator's rollout to the class is live: retried next step
+        except (ConflictError, DatabaseUnavailableError) as exc:  # a live rollout to the class, a busy database
             log.warning("recompression %s: cannot start its rollout yet: %s", recompression_id, exc)
+        except ControllerError as exc:  # e.g. no device of the class matches: retrying cannot help
+            log.warning("recompression %s: cannot start its rollout: %s", recompression_id, exc)
+            self._finish(
+                recompression_id, "failed", self.clock(), note=f"rollout not started: {exc}", states=("pending",)
+            )
 
     def _follow(self, now: dt.datetime) -> None:
         with self.db.transaction("following recompression rollouts") as session:
@@ -329,10 +365,12 @@ class RecompressionLoop:
                 row.updated_at = row.finished_at = now
                 session.add(row)
 
-    def _finish(self, recompression_id: int, state: str, now: dt.datetime, *, note: str) -> None:
+    def _finish(
+        self, recompression_id: int, state: str, now: dt.datetime, *, note: str, states: tuple[str, ...] = ("building",)
+    ) -> None:
         with self.db.transaction(f"ending recompression {recompression_id}") as session:
             row = session.get(Recompression, recompression_id, with_for_update=True)
-            if row is None or row.state != "building":  # e.g. rejected while it was building
+            if row is None or row.state not in states:  # e.g. rejected while it was building
                 return
             row.state, row.note, row.updated_at, row.finished_at = state, note, now, now
             session.add(row)
@@ -340,20 +378,37 @@ class RecompressionLoop:
 
     # ------------------------------------------------------------------ operator decisions
     def approve(self, recompression_id: int, *, actor: str | None = None) -> Recompression:
-        """Start the gated rollout of the new artifact."""
-        row = self.get(recompression_id)
-        if row.state != "pending" or row.artifact_id is None:
-            raise ConflictError(f"recompression {recompression_id} is {row.state}; only a pending one can be approved")
-        rollout = Rollouts(self.db, actor=actor or self.actor, clock=self.clock).start(
-            row.artifact_id, plan=self.plan, gates=self.gates, on_breach="abort"
-        )
+        """Start the gated rollout of the new artifact.
+
+        One transaction: the row is claimed (pending -> rolling_out by a conditional UPDATE, which locks it on
+        PostgreSQL and takes the write lock on SQLite), the rollout is started, and both commit or neither does.
+        So the build thread and the timer approving at once start one rollout, and a concurrent reject wins or loses
+        as a whole.
+        """
         now = self.clock()
         with self.db.transaction(f"approving recompression {recompression_id}") as session:
-            stored = session.get(Recompression, recompression_id, with_for_update=True)
-            assert stored is not None  # noqa: S101 - read above
-            stored.state, stored.rollout_id, stored.decided_by, stored.updated_at = (
-                "rolling_out", rollout.id, actor or self.actor, now,
-            )  # fmt: skip
+            claimed = session.execute(
+                sa.update(Recompression)
+                .where(
+                    col(Recompression.id) == recompression_id,
+                    col(Recompression.state) == "pending",
+                    col(Recompression.artifact_id).is_not(None),
+                )
+                .values(state="rolling_out", decided_by=actor or self.actor, updated_at=now)
+            )
+            stored = session.get(Recompression, recompression_id, populate_existing=True)
+            if stored is None:
+                raise NotFoundError(
+                    f"recompression {recompression_id} does not exist (see `edgefleet recompress list`)"
+                )
+            if getattr(claimed, "rowcount", 0) != 1 or stored.artifact_id is None:
+                raise ConflictError(
+                    f"recompression {recompression_id} is {stored.state}; only a pending one can be approved"
+                )
+            rollout = Rollouts(self.db, actor=actor or self.actor, clock=self.clock)._start(
+                session, stored.artifact_id, plan=self.plan, gates=self.gates, on_breach="abort"
+            )
+            stored.rollout_id = rollout.id
             session.add(stored)
             self._audit(session, "recompress.approve", stored.class_name, now, id=stored.id, rollout=rollout.id)
         return stored

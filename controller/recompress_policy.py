@@ -42,7 +42,8 @@ MAX_POLICY_FILE_BYTES = 64 * 1024
 class RecompressionPolicy(BaseModel):
     """When a class's model no longer fits, and what to do then."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `latency_windows = true` or `lookback_s = "60"` is refused, not coerced (an int still fits a float)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     latency_windows: Annotated[int, Field(ge=1, le=1000)] = 3
     accuracy: bool = True
@@ -78,11 +79,12 @@ def load_policy(path: Path) -> RecompressionPolicy:
 def policy_of_file(path: Path) -> RecompressionPolicy | None:
     """The `[policy]` table of a class TOML, or None when it has none; a broken table is a `ConfigError`."""
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:  # at most one byte over the limit: /dev/zero or a huge file is refused
+            raw = handle.read(MAX_POLICY_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if len(raw) > MAX_POLICY_FILE_BYTES:
-        raise ConfigError(f"{path}: {len(raw)} bytes, more than {MAX_POLICY_FILE_BYTES}")
+        raise ConfigError(f"{path}: more than {MAX_POLICY_FILE_BYTES} bytes; a class TOML is a few hundred")
     try:
         document = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -5,9 +5,10 @@ runner. A build (planning a model takes 10-150 s) runs on a second thread, one a
 runner and telemetry ingest never wait for it. While the build thread is busy, other recompressions in `building`
 wait for the next step.
 
-When it starts, the runner calls `RecompressionLoop.recover`: a build interrupted by a controller stop is retried
-once, then marked failed (see controller/recompress.py). `stop` joins both threads in bounded time; a build still
-running then is abandoned (its thread is a daemon, its result is not recorded) and retried at the next start.
+When it starts, the runner calls `RecompressionLoop.recover`: a build interrupted by a controller stop (one whose
+`begin_build` mark is set; those still waiting are not touched) is retried once, then marked failed (see
+controller/recompress.py). `stop` joins both threads in bounded time; a build still running
+then is abandoned (its thread is a daemon, its result is not recorded) and retried at the next start.
 
 `default_builder` is the controller's compression worker: `PlannerBuilder` over the registry's example models, signing
 with the controller key (`edgefleet init`); without the key each build fails with a clear note, nothing crashes.
@@ -130,7 +131,7 @@ class RecompressionRunner:
             if builder is None:
                 self.loop.fail(request.recompression_id, "no compression worker is attached")
                 return
-            if self.loop.get(request.recompression_id).state != "building":
+            if not self.loop.begin_build(request.recompression_id):
                 return  # recorded (or rejected) since the step listed it: the last build's result is in
             try:
                 result = builder(request)

@@ -26,7 +26,17 @@ from edgefleet.controller.credentials import hash_secret, new_secret
 from edgefleet.controller.db import Database
 from edgefleet.controller.errors import ConflictError, NotFoundError, RegistryError
 from edgefleet.controller.recompress_policy import RecompressionPolicy
-from edgefleet.controller.tables import AuditEntry, ClassPolicy, Device, DeviceClass, Fleet, Model, utcnow
+from edgefleet.controller.rollout_plan import RolloutState
+from edgefleet.controller.tables import (
+    AuditEntry,
+    ClassPolicy,
+    Device,
+    DeviceClass,
+    Fleet,
+    Model,
+    Rollout,
+    utcnow,
+)
 from edgefleet.protocols.errors import TopicError
 from edgefleet.protocols.profile import DeviceProfile
 from edgefleet.protocols.topics import check_id
@@ -36,6 +46,7 @@ __all__ = ["DeviceCredential", "Registry", "check_device_id", "check_name", "pro
 RESERVED_PREFIX = "edgefleet-"  # MQTT usernames of the controller and the CLI
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LIVE_ROLLOUT_STATES = (RolloutState.PENDING.value, RolloutState.RUNNING.value, RolloutState.PAUSED.value)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -156,6 +167,14 @@ class Registry:
             row = session.get(DeviceClass, class_name, with_for_update=True)
             if row is None:
                 raise NotFoundError(f"device class {class_name!r} does not exist (add it with `edgefleet class add`)")
+            live = session.exec(  # its gates judge against the profile: it cannot change under a live rollout
+                select(Rollout).where(Rollout.class_name == class_name, col(Rollout.state).in_(LIVE_ROLLOUT_STATES))
+            ).first()
+            if live is not None:
+                raise ConflictError(
+                    f"rollout {live.id} to class {class_name!r} is {live.state}: wait for it to finish, or abort it "
+                    f"(`edgefleet rollout abort {live.id}`), then update the class"
+                )
             was = json.loads(row.profile_json)
             row.profile_json = profile.model_dump_json()
             session.add(row)

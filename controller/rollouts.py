@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
 from edgefleet.controller.artifacts import ArtifactCatalog
@@ -33,9 +34,9 @@ from edgefleet.controller.rollout_plan import (
     Selector,
     WavePlan,
 )
-from edgefleet.controller.tables import Artifact, AuditEntry, Device, Rollout, RolloutDevice, utcnow
+from edgefleet.controller.tables import Artifact, AuditEntry, Device, DeviceClass, Rollout, RolloutDevice, utcnow
 
-__all__ = ["Rollouts", "abort_in_session", "class_current_version", "matching_devices"]
+__all__ = ["Rollouts", "abort_in_session", "class_current_version", "lock_class", "matching_devices"]
 
 LIVE_STATES = (RolloutState.PENDING, RolloutState.RUNNING, RolloutState.PAUSED)
 
@@ -72,6 +73,20 @@ def class_current_version(session: Session, class_name: str) -> int | None:
         .order_by(func.count().desc(), col(Device.model_version).desc())
     ).first()
     return int(row[0]) if row is not None and row[0] is not None else None
+
+
+def lock_class(session: Session, class_name: str) -> None:
+    """Hold the class row until the caller's transaction ends, so checks made after it (a live rollout?) stay true.
+
+    PostgreSQL: SELECT ... FOR UPDATE. SQLite ignores FOR UPDATE and reads outside a transaction until the first
+    write, so there a no-op UPDATE of the row takes the database's write lock now (other writers wait for it).
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(
+            sa.update(DeviceClass).where(col(DeviceClass.name) == class_name).values(created_at=DeviceClass.created_at)
+        )
+    else:
+        session.get(DeviceClass, class_name, with_for_update=True)
 
 
 def abort_in_session(session: Session, rollout: Rollout, *, now: dt.datetime, actor: str, reason: str) -> int:
@@ -114,48 +129,66 @@ class Rollouts:
         selector: Selector | None = None,
     ) -> Rollout:
         """Record a pending rollout of the artifact to its class (the engine starts it on its next step)."""
+        with self.db.transaction("starting a rollout") as session:
+            return self._start(
+                session, artifact_ref, class_name=class_name, plan=plan, gates=gates, on_breach=on_breach,
+                selector=selector,
+            )  # fmt: skip
+
+    def _start(
+        self,
+        session: Session,
+        artifact_ref: str | int,
+        *,
+        class_name: str | None = None,
+        plan: WavePlan | None = None,
+        gates: GateConfig | None = None,
+        on_breach: str = "pause",
+        selector: Selector | None = None,
+    ) -> Rollout:
+        """`start` in the caller's transaction (the recompression loop approves and starts in one)."""
         if on_breach not in BREACH_ACTIONS:
             raise RegistryError(f"--on-breach {on_breach!r} is not one of {', '.join(BREACH_ACTIONS)}")
         plan, gates, selector = plan or WavePlan(), gates or GateConfig(), selector or Selector()
-        with self.db.transaction("starting a rollout") as session:
-            artifact = ArtifactCatalog._lookup(session, artifact_ref)  # same lookup as the catalog
-            if artifact is None:
-                raise NotFoundError(f"artifact {artifact_ref!r} does not exist (see `edgefleet artifact list`)")
-            if class_name is not None and class_name != artifact.class_name:
-                raise RegistryError(
-                    f"artifact {artifact.id} is built for class {artifact.class_name}, not {class_name}; "
-                    "a rollout targets the artifact's own class"
-                )
-            busy = session.exec(
-                select(Rollout).where(
-                    Rollout.class_name == artifact.class_name, col(Rollout.state).in_([s.value for s in LIVE_STATES])
-                )
-            ).first()
-            if busy is not None:
-                raise ConflictError(
-                    f"rollout {busy.id} to class {artifact.class_name} is {busy.state}: "
-                    f"finish or abort it first (`edgefleet rollout abort {busy.id}`)"
-                )
-            targets = matching_devices(session, artifact.class_name, selector)
-            if not targets:
-                raise NotFoundError(f"no devices in class {artifact.class_name} match the rollout's target")
-            rollout = self._record(session, artifact, plan=plan, gates=gates, on_breach=on_breach, selector=selector)
-            rollout.previous_version = class_current_version(session, artifact.class_name)
-            rollout.wave_count = len(plan.sizes(len(targets)))
-            session.add(rollout)
-            session.flush()
-            audit(
-                session,
-                actor=self.actor,
-                action="rollout.start",
-                rollout=rollout,
-                now=rollout.created_at,
-                artifact=artifact.id,
-                version=artifact.version,
-                devices=len(targets),
-                plan=plan.model_dump(),
-                on_breach=on_breach,
+        artifact = ArtifactCatalog._lookup(session, artifact_ref)  # same lookup as the catalog
+        if artifact is None:
+            raise NotFoundError(f"artifact {artifact_ref!r} does not exist (see `edgefleet artifact list`)")
+        if class_name is not None and class_name != artifact.class_name:
+            raise RegistryError(
+                f"artifact {artifact.id} is built for class {artifact.class_name}, not {class_name}; "
+                "a rollout targets the artifact's own class"
             )
+        lock_class(session, artifact.class_name)  # two starts for one class: the second waits, then sees busy
+        busy = session.exec(
+            select(Rollout).where(
+                Rollout.class_name == artifact.class_name, col(Rollout.state).in_([s.value for s in LIVE_STATES])
+            )
+        ).first()
+        if busy is not None:
+            raise ConflictError(
+                f"rollout {busy.id} to class {artifact.class_name} is {busy.state}: "
+                f"finish or abort it first (`edgefleet rollout abort {busy.id}`)"
+            )
+        targets = matching_devices(session, artifact.class_name, selector)
+        if not targets:
+            raise NotFoundError(f"no devices in class {artifact.class_name} match the rollout's target")
+        rollout = self._record(session, artifact, plan=plan, gates=gates, on_breach=on_breach, selector=selector)
+        rollout.previous_version = class_current_version(session, artifact.class_name)
+        rollout.wave_count = len(plan.sizes(len(targets)))
+        session.add(rollout)
+        session.flush()
+        audit(
+            session,
+            actor=self.actor,
+            action="rollout.start",
+            rollout=rollout,
+            now=rollout.created_at,
+            artifact=artifact.id,
+            version=artifact.version,
+            devices=len(targets),
+            plan=plan.model_dump(),
+            on_breach=on_breach,
+        )
         return rollout
 
     def _record(

@@ -105,11 +105,12 @@ def load_profile(path: Path | str) -> DeviceProfile:
     """Read a profile TOML file. Raises `ProfileError` naming the file and the field that is wrong."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:  # at most one byte over the limit: /dev/zero or a huge file is refused
+            raw = handle.read(MAX_PROFILE_FILE_BYTES + 1)
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read profile file ({exc.strerror or exc})") from exc
     if len(raw) > MAX_PROFILE_FILE_BYTES:
-        raise ProfileError(f"{path}: profile file is {len(raw)} bytes, more than {MAX_PROFILE_FILE_BYTES}")
+        raise ProfileError(f"{path}: profile file is more than {MAX_PROFILE_FILE_BYTES} bytes")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

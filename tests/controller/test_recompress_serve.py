@@ -36,7 +36,13 @@ from edgefleet.controller.db import Database
 from edgefleet.controller.errors import ConfigError
 from edgefleet.controller.keys import load_signing_key, public_raw
 from edgefleet.controller.mosquitto import free_port
-from edgefleet.controller.recompress import RESTART_NOTE, BuildRequest, BuildResult, RecompressionLoop
+from edgefleet.controller.recompress import (
+    RESTART_NOTE,
+    RETRY_STARTED,
+    BuildRequest,
+    BuildResult,
+    RecompressionLoop,
+)
 from edgefleet.controller.recompress_policy import RecompressionPolicy
 from edgefleet.controller.rollout_plan import GateConfig, WavePlan
 from edgefleet.controller.rollouts import class_current_version
@@ -361,7 +367,7 @@ def test_a_build_found_building_after_its_retry_is_failed_not_retried_again(home
     with app.db.reading() as session:
         v1 = session.exec(select(Recompression)).first()
     assert v1 is None
-    # A recompression that was already retried once after a restart, then the controller died again.
+    # A recompression that was already retried once after a restart, its retry began, then the controller died again.
     from edgefleet.controller.tables import Artifact
 
     now = dt.datetime.now(dt.UTC)
@@ -371,7 +377,7 @@ def test_a_build_found_building_after_its_retry_is_failed_not_retried_again(home
             Recompression(
                 class_name="gw", model_name="m", from_artifact_id=artifact.id or 0, trigger="latency",
                 summary="planted", state="building", mode="approve", created_at=now, updated_at=now,
-                note=f"{RESTART_NOTE} (found building at {now.isoformat()})",
+                note=f"{RESTART_NOTE} (found building at {now.isoformat()}){RETRY_STARTED} {now.isoformat()}",
             )
         )  # fmt: skip
     app.start(metrics_server=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from sqlmodel import select
 from edgefleet.controller.artifacts import ArtifactCatalog
 from edgefleet.controller.db import Database
 from edgefleet.controller.errors import ConflictError, NotFoundError
-from edgefleet.controller.recompress import BuildRequest, BuildResult, RecompressionLoop
+from edgefleet.controller.recompress import RESTART_NOTE, BuildRequest, BuildResult, RecompressionLoop
 from edgefleet.controller.recompress_policy import RecompressionPolicy
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.rollout_engine import RolloutEngine
@@ -29,7 +30,7 @@ from edgefleet.controller.rollout_plan import GateConfig, WavePlan
 from edgefleet.controller.rollouts import Rollouts, class_current_version
 from edgefleet.controller.state_updates import apply_job_event
 from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import AuditEntry, Device, TelemetryRollup
+from edgefleet.controller.tables import AuditEntry, Device, Rollout, TelemetryRollup
 from edgefleet.protocols.codec import decode_command
 from edgefleet.protocols.commands import DeployCommand
 from edgefleet.protocols.messages import JobEvent
@@ -253,3 +254,177 @@ def test_the_planner_worker_builds_an_artifact_that_meets_the_updated_budget(set
     assert report["speed_factor"] == 15.0
     assert report["predicted_p95_ms"] <= BUDGET_MS  # the class budget, at the field's speed factor
     assert report["version"] == 2
+
+
+# ---------------------------------------------------------------- review: approval races, auto errors, restarts
+@pytest.fixture
+def any_db(database: Database, tmp_path: Path, tiny_onnx: Path) -> Loop:
+    """The same loop on SQLite and (where one answers) PostgreSQL."""
+    return Loop(database, tmp_path, tiny_onnx)
+
+
+def pending(s: Loop) -> int:
+    """One recompression built and waiting for approval."""
+    s.loop.set_policy("rpi4", POLICY)
+    s.windows(3, latency=SLOW)
+    (rid,) = s.loop.step(s.now)
+    assert s.loop.get(rid).state == "pending"
+    return rid
+
+
+def rollout_count(db: Database) -> int:
+    with db.reading() as session:
+        return len(session.exec(select(Rollout)).all())
+
+
+def test_two_threads_approving_one_recompression_start_one_rollout(any_db: Loop) -> None:
+    s = any_db
+    rid = pending(s)
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def approve() -> None:
+        barrier.wait()
+        try:
+            s.loop.approve(rid)
+            outcomes.append("approved")
+        except ConflictError as exc:
+            outcomes.append(str(exc))
+
+    def start() -> None:  # an operator starting the same artifact at the same moment
+        barrier.wait()
+        try:
+            Rollouts(s.db).start(s.loop.get(rid).artifact_id or 0)
+            outcomes.append("started")
+        except ConflictError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=f) for f in (approve, approve, start, start)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(outcomes) == 4, outcomes
+    assert outcomes.count("approved") + outcomes.count("started") == 1, outcomes
+    assert rollout_count(s.db) == 1
+    row = s.loop.get(rid)
+    if "approved" in outcomes:
+        assert row.state == "rolling_out"
+        assert row.rollout_id is not None
+    else:  # the operator won: the recompression is still pending (auto mode retries after that rollout)
+        assert (row.state, row.rollout_id) == ("pending", None)
+
+
+def test_approve_after_reject_is_refused_and_the_row_stays_rejected(any_db: Loop) -> None:
+    s = any_db
+    rid = pending(s)
+    s.loop.reject(rid, reason="not now")
+    with pytest.raises(ConflictError, match="is rejected; only a pending one"):
+        s.loop.approve(rid)
+    assert s.loop.get(rid).state == "rejected"
+    assert rollout_count(s.db) == 0
+    with pytest.raises(NotFoundError, match="recompression 99 does not exist"):
+        s.loop.approve(99)
+
+
+def test_a_failed_rollout_start_leaves_the_recompression_pending(setup: Loop) -> None:
+    s = setup
+    rid = pending(s)
+    move_devices(s.db, "x86-gateway")
+    with pytest.raises(NotFoundError, match="no devices in class rpi4"):
+        s.loop.approve(rid)
+    row = s.loop.get(rid)
+    assert (row.state, row.rollout_id, row.decided_by) == ("pending", None, None)  # rolled back as a whole
+
+
+def move_devices(db: Database, class_name: str) -> None:
+    registry = Registry(db)
+    if class_name not in {c.name for c, _ in registry.list_classes()}:
+        registry.add_class(load_profile(PROFILES / f"{class_name}.toml"))
+    with db.transaction() as session:
+        for device in session.exec(select(Device)).all():
+            device.class_name = class_name
+            session.add(device)
+
+
+def test_auto_approve_fails_the_row_on_a_permanent_error(setup: Loop) -> None:
+    s = setup
+    build = s.build
+
+    def build_then_empty_the_class(request: BuildRequest) -> BuildResult:
+        result = build(request)
+        move_devices(s.db, "x86-gateway")  # no device of the class is left to roll out to
+        return result
+
+    s.loop.builder = build_then_empty_the_class
+    s.loop.set_policy("rpi4", POLICY.model_copy(update={"mode": "auto"}))
+    s.windows(3, latency=SLOW)
+    (rid,) = s.loop.step(s.now)
+    row = s.loop.get(rid)
+    assert row.state == "failed"
+    assert "rollout not started: no devices in class rpi4" in (row.note or "")
+    assert row.finished_at is not None
+    s.now += dt.timedelta(minutes=1)
+    s.loop.step(s.now)
+    assert s.loop.get(rid).state == "failed"  # not retried
+    assert rollout_count(s.db) == 0
+
+
+def test_auto_approve_retries_while_a_rollout_to_the_class_is_live(setup: Loop) -> None:
+    s = setup
+    build = s.build
+    operator: list[int] = []
+
+    def build_while_an_operator_rolls_out(request: BuildRequest) -> BuildResult:
+        operator.append(Rollouts(s.db).start(request.from_artifact_id).id or 0)
+        return build(request)
+
+    s.loop.builder = build_while_an_operator_rolls_out
+    s.loop.set_policy("rpi4", POLICY.model_copy(update={"mode": "auto"}))
+    s.windows(3, latency=SLOW)
+    (rid,) = s.loop.step(s.now)
+    assert s.loop.get(rid).state == "pending"  # a ConflictError: retried, not failed
+    s.loop.step(s.now)
+    assert s.loop.get(rid).state == "pending"
+    Rollouts(s.db).abort(operator[0])
+    s.loop.step(s.now)
+    row = s.loop.get(rid)
+    assert row.state == "rolling_out"
+    assert row.rollout_id not in (None, operator[0])
+
+
+def test_a_build_that_never_began_survives_two_restarts_and_is_built(setup: Loop) -> None:
+    s = setup
+    s.loop.submit = lambda request: False  # the build thread is busy with another class: nothing begins
+    s.loop.set_policy("rpi4", POLICY)
+    s.windows(3, latency=SLOW)
+    (rid,) = s.loop.step(s.now)
+    assert s.loop.get(rid).state == "building"
+    for _ in range(2):  # two controller restarts
+        assert s.loop.recover(s.now) == []
+        row = s.loop.get(rid)
+        assert (row.state, row.note) == ("building", None)
+    s.loop.submit = None
+    s.loop.step(s.now)
+    row = s.loop.get(rid)
+    assert (row.state, row.note) == ("pending", None)
+    assert len(s.builds) == 1
+
+
+def test_a_build_that_began_is_retried_once_then_failed(setup: Loop) -> None:
+    s = setup
+    s.loop.submit = lambda request: False
+    s.loop.set_policy("rpi4", POLICY)
+    s.windows(3, latency=SLOW)
+    (rid,) = s.loop.step(s.now)
+    assert s.loop.begin_build(rid, s.now)  # the worker began it; then the controller stopped
+    assert s.loop.recover(s.now) == [rid]
+    assert (s.loop.get(rid).note or "").startswith(RESTART_NOTE)
+    assert s.loop.recover(s.now) == []  # restarted again before the retry began: still waiting, not failed
+    assert s.loop.get(rid).state == "building"
+    assert s.loop.begin_build(rid, s.now)  # the retry began; the controller stopped again
+    assert s.loop.recover(s.now) == []
+    row = s.loop.get(rid)
+    assert row.state == "failed"
+    assert "stopped twice" in (row.note or "")
+    assert not s.loop.begin_build(rid, s.now)

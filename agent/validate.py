@@ -2,8 +2,8 @@
 
 A sample *agrees* when its argmax matches the expected output's, and is *close* when every element satisfies
 `|got - want| <= abs_tol + rel_tol * |want|`. The model passes when both fractions reach
-`tolerances.top1_agreement` and the p95 latency over the timed runs (scaled by the class speed factor) stays
-within the latency budget.
+`tolerances.top1_agreement` and the p95 latency of the timed runs (scaled by the class speed factor; the lowest
+p95 of three rounds, as interference only adds time) stays within the latency budget.
 """
 
 from __future__ import annotations
@@ -37,12 +37,18 @@ def _p95(values: list[float]) -> float:
 
 
 def validate_model(
-    runner: ModelRunner, manifest: Manifest, *, latency_budget_ms: float | None, timed_runs: int = 60
+    runner: ModelRunner,
+    manifest: Manifest,
+    *,
+    latency_budget_ms: float | None,
+    timed_runs: int = 60,
+    rounds: int = 3,
 ) -> ValidationOutcome:
     """Run every validation sample (and repeat them up to `timed_runs` for latency); never raises for a bad model.
 
-    The p95 of 20 runs is about their maximum, so one scheduling hiccup of a busy device would fail a model that
-    fits; 60 runs let the p95 ignore two or three (a few milliseconds in all for the models of a small device)."""
+    Latency is judged on the lowest p95 of `rounds` consecutive rounds of the timed runs: interference from other
+    work on the device (or, for simulated devices, on the host) only ever adds time and comes in bursts, so one burst
+    spoils one round, not the model's verdict. A model that is really too slow is slow in every round."""
     tol = manifest.tolerances
     samples = manifest.validation_samples
     agree = close = 0
@@ -74,7 +80,8 @@ def validate_model(
         )
     total = max(1, len(samples))
     agreement, closeness = (agree / total, close / total) if samples else (1.0, 1.0)
-    p95_ms = _p95(latencies) * 1000.0
+    parts = [list(part) for part in np.array_split(np.asarray(latencies), min(max(1, rounds), max(1, len(latencies))))]
+    p95_ms = min(_p95(part) for part in parts) * 1000.0
     if agreement < tol.top1_agreement:
         detail = f"top-1 agreement {agreement:.3f} below {tol.top1_agreement:.3f} on {len(samples)} samples"
         return ValidationOutcome(ok=False, detail=detail, agreement=agreement, close=closeness, p95_latency_ms=p95_ms)

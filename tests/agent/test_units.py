@@ -294,3 +294,21 @@ def test_validation_latency_survives_one_burst_of_interference_but_not_a_slow_mo
     ok, p95 = _validated_p95(tmp_path, [3.0] * runs)
     assert not ok
     assert p95 == pytest.approx(3.0)
+
+
+def test_probation_rolls_back_on_a_sustained_latency_breach_not_on_one_burst() -> None:
+    from edgefleet.agent.probation import LATENCY_SAMPLE, Probation
+
+    def feed(probation: Probation, latency_s: float) -> list[str]:
+        reasons = [probation.observe(latency_s=latency_s, error=False) for _ in range(LATENCY_SAMPLE)]
+        return [r for r in reasons if r is not None]
+
+    bursty = Probation(max_errors=5, budget_s=0.002)
+    assert feed(bursty, 0.009) == [], "one batch over the budget is a burst, not a verdict"
+    assert feed(bursty, 0.001) == []
+    assert feed(bursty, 0.009) == [], "the count starts again after a batch within the budget"
+    slow = Probation(max_errors=5, budget_s=0.002)
+    assert feed(slow, 0.003) == []
+    reasons = feed(slow, 0.003)
+    assert len(reasons) == 1
+    assert "over the budget of 2.00 ms" in reasons[0]

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from edgefleet.controller.cli_common import JsonOpt, emit, guarded, open_registry
-from edgefleet.controller.recompress_policy import RecompressionPolicy, policy_of_file
-from edgefleet.protocols.profile import DeviceProfile, load_profile
+from edgefleet.controller.recompress_policy import RecompressionPolicy, parse_policy
+from edgefleet.protocols.profile import DeviceProfile, parse_profile, read_profile_file
 
 __all__ = ["class_app", "fleet_app"]
 
@@ -36,10 +36,11 @@ def fleet_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 def _class_file(name: str, path: Path) -> tuple[DeviceProfile, RecompressionPolicy | None]:
     """The profile (renamed to `name`) and the optional `[policy]` table of a class TOML; both checked first."""
-    loaded = load_profile(path)
+    document = read_profile_file(path)  # read once: the profile and the policy come from the same bytes
+    loaded = parse_profile(document, source=str(path))
     if loaded.name != name:
         loaded = loaded.model_validate({**loaded.model_dump(), "name": name})
-    return loaded, policy_of_file(path)
+    return loaded, parse_policy(document, source=str(path))
 
 
 def _policy_note(policy: RecompressionPolicy | None) -> str:

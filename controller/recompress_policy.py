@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import tomllib
 from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,13 +29,14 @@ from sqlmodel import Session, col, select
 from edgefleet.controller.errors import ConfigError
 from edgefleet.controller.rollout_gates import p95_bound
 from edgefleet.controller.tables import Artifact, DeploymentJob, TelemetryRollup
-from edgefleet.protocols.profile import DeviceProfile
+from edgefleet.protocols.errors import ProfileError
+from edgefleet.protocols.profile import MAX_PROFILE_FILE_BYTES, DeviceProfile, read_profile_file
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS
 
 __all__ = ["RecompressionPolicy", "Trigger", "detect", "load_policy", "parse_policy", "policy_of_file"]
 
 _NBUCKETS = len(LATENCY_BUCKETS_SECONDS) + 1
-MAX_POLICY_FILE_BYTES = 64 * 1024
+MAX_POLICY_FILE_BYTES = MAX_PROFILE_FILE_BYTES  # the policy lives in the class TOML
 
 
 class RecompressionPolicy(BaseModel):
@@ -79,16 +79,9 @@ def load_policy(path: Path) -> RecompressionPolicy:
 def policy_of_file(path: Path) -> RecompressionPolicy | None:
     """The `[policy]` table of a class TOML, or None when it has none; a broken table is a `ConfigError`."""
     try:
-        with path.open("rb") as handle:  # at most one byte over the limit: /dev/zero or a huge file is refused
-            raw = handle.read(MAX_POLICY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if len(raw) > MAX_POLICY_FILE_BYTES:
-        raise ConfigError(f"{path}: more than {MAX_POLICY_FILE_BYTES} bytes; a class TOML is a few hundred")
-    try:
-        document = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+        document = read_profile_file(path)  # bounded: /dev/zero or a huge file is refused, not read whole
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from exc
     return parse_policy(document, source=str(path))
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgefleet.protocols.errors import ProfileError
 
-__all__ = ["DeviceProfile", "load_profile", "parse_profile"]
+__all__ = ["DeviceProfile", "load_profile", "parse_profile", "read_profile_file"]
 
 MAX_PROFILE_FILE_BYTES = 64 * 1024
 _NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -101,18 +101,25 @@ def parse_profile(data: dict[str, Any], *, source: str = "<profile>") -> DeviceP
         raise ProfileError(f"{source}: {_describe(exc)}") from exc
 
 
-def load_profile(path: Path | str) -> DeviceProfile:
-    """Read a profile TOML file. Raises `ProfileError` naming the file and the field that is wrong."""
+def read_profile_file(path: Path | str) -> dict[str, Any]:
+    """The parsed TOML document of a class profile file (its `[profile]` table and any others, e.g. `[policy]`).
+
+    Reads at most one byte over `MAX_PROFILE_FILE_BYTES`, so /dev/zero or a huge file is refused, not read whole.
+    """
     path = Path(path)
     try:
-        with path.open("rb") as handle:  # at most one byte over the limit: /dev/zero or a huge file is refused
+        with path.open("rb") as handle:
             raw = handle.read(MAX_PROFILE_FILE_BYTES + 1)
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read profile file ({exc.strerror or exc})") from exc
     if len(raw) > MAX_PROFILE_FILE_BYTES:
         raise ProfileError(f"{path}: profile file is more than {MAX_PROFILE_FILE_BYTES} bytes")
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ProfileError(f"{path}: not valid TOML ({exc})") from exc
-    return parse_profile(data, source=str(path))
+
+
+def load_profile(path: Path | str) -> DeviceProfile:
+    """Read a profile TOML file. Raises `ProfileError` naming the file and the field that is wrong."""
+    return parse_profile(read_profile_file(path), source=str(path))

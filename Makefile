@@ -11,21 +11,38 @@ TORCH_PIN      ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 SHADOW := build/src/edgefleet
 
-.PHONY: help venv services lint types contracts pytest test demo bench schemas clean check-deploy
+.PHONY: help venv lock services lint types contracts pytest test demo bench schemas clean check-deploy check-arm64
 
 help:
 	@echo "make demo   run the end-to-end demo (sets itself up)"
 	@echo "make test   lint, types, layer contracts and the test suite (sets itself up)"
 	@echo "make bench  run the benchmarks and update docs/benchmarks.md"
+	@echo "make check-arm64  the agent in a Debian arm64 chroot under qemu on x86-made artifacts (root, slow)"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the versions the suite was last green with (`make lock` refreshes it, in a commit of its own).
+LOCK := constraints.txt
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
+
+# A fresh venv from pyproject.toml's ranges alone, frozen into constraints.txt; run `make test` before committing it.
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	build/lock-venv/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_PIN)"
+	build/lock-venv/bin/python -m pip install --quiet ".[dev]"
+	{ grep '^#' $(LOCK); \
+	  build/lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^edgefleet' \
+	    | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf build/lock-venv
 
 # Mosquitto: the tests use one answering on 127.0.0.1:1883, else start their own from the binary.
 # Install Debian's package where the binary is missing and we may (root with apt-get).
@@ -82,6 +99,11 @@ test: lint types contracts pytest
 # runs them too, as part of the whole suite.
 check-deploy: $(STAMP) services
 	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
+
+# The agent in a Debian arm64 userland under qemu-user (build/arm64, reused) validating artifacts made and signed
+# here; writes its table into docs/benchmarks.md. Root; minutes (the first run builds the chroot). Not in `make test`.
+check-arm64: $(STAMP)
+	EDGEFLEET_PYTHON=$(CURDIR)/$(BIN)/python bash deploy/arm64/check.sh
 
 schemas: $(STAMP)
 	$(BIN)/python -m edgefleet.protocols.schemas docs/schemas

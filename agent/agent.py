@@ -26,7 +26,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.errors import AgentError, InferenceError
 from edgefleet.agent.mqtt import MqttLink, Will
 from edgefleet.agent.reactor import Reactor, Timer
-from edgefleet.agent.runner import InferenceResult, ModelRunner, SessionPool
+from edgefleet.agent.runner import InferenceResult, ModelRunner, SessionPool, runtime_version
 from edgefleet.agent.slots import Slots
 from edgefleet.agent.spool import Spool
 from edgefleet.agent.telemetry import ModelTag, TelemetryReporter, rss_bytes
@@ -284,9 +284,12 @@ class Agent:
         return self._threads if self._threads is not None else self.config.profile.threads
 
     def load_runner(self, path: Path, digest: str) -> ModelRunner:
-        threads = self.threads
+        # A simulated device runs on one host thread: its reference times are at its own thread count and the
+        # host's at one, so device / host already holds the device's thread scaling (agent/speed.py).
+        threads = self.threads if self.config.speed is None else 1
         session = self._sessions.get(digest, path, threads=threads) if self._sessions is not None else None
-        scale = self.config.latency_scale * self.config.faults.slow_factor
+        speed, slow = self.config.speed, self.config.faults.slow_factor
+        scale: float | Callable[[], float] = slow if speed is None else speed.scaler(path, times=slow)
         return ModelRunner(path, threads=threads, latency_scale=scale, session=session)
 
     def configure(self, command: ConfigureCommand) -> None:
@@ -383,7 +386,7 @@ class Agent:
             device_class=profile.name,
             fleet=self.config.fleet,
             capabilities=Capabilities(
-                onnxruntime_version=profile.onnxruntime_version,
+                onnxruntime_version=runtime_version(),
                 opset=profile.opset,
                 cpu_count=os.cpu_count() or 1,
                 ram_bytes=profile.ram_budget_bytes,

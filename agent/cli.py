@@ -89,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--corrupt-block", type=int, action="append", default=[], help="corrupt this block index once")
     sim.add_argument("--slow", type=float, default=1.0, help="multiply inference latency by this factor")
 
-    speed = sub.add_parser("speed-factor", help="measure how much slower this device runs a model than the host")
-    speed.add_argument("model", type=Path, help="the ONNX model")
-    speed.add_argument("--host-p95-ms", type=float, required=True, help="p95 latency of the model on the host")
-    speed.add_argument("--threads", type=int, default=1, help="intra-op threads (the class's thread count)")
-    speed.add_argument("--runs", type=int, default=200, help="timed runs")
+    speed = sub.add_parser(
+        "speed-factor", help="time this device on the reference workload: the [profile.reference_ms] table"
+    )
+    speed.add_argument("--threads", type=int, default=1, help="intra-op threads: the class profile's `threads`")
+    speed.add_argument("--rounds", type=int, default=7, help="rounds of timed runs (the lowest median counts)")
+    speed.add_argument("--json", action="store_true", help="one JSON object: the times and what they ran on")
     return parser
 
 
@@ -220,13 +221,22 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _speed_factor(args: argparse.Namespace) -> int:
-    from edgefleet.agent.speedfactor import measure_latency
+    import json
 
-    if args.host_p95_ms <= 0:
-        raise AgentError("--host-p95-ms must be positive")
-    m = measure_latency(args.model, threads=args.threads, runs=args.runs)
-    print(f"p50 {m.p50_ms:.3f} ms, p95 {m.p95_ms:.3f} ms over {m.runs} runs at {args.threads} threads")  # noqa: T201
-    print(f"speed_factor = {m.factor(args.host_p95_ms):.2f}")  # noqa: T201
+    from edgefleet.agent.speed import describe_host, time_workload
+
+    if not 1 <= args.threads <= 256 or not 1 <= args.rounds <= 100:
+        raise AgentError("--threads must be 1..256 and --rounds 1..100")
+    times = time_workload(threads=args.threads, rounds=args.rounds)
+    host = describe_host(args.threads)
+    if args.json:
+        print(json.dumps({"reference_ms": times.model_dump(), **host}))  # noqa: T201
+        return 0
+    isa = ", ".join(host["isa"]) or "none of avx2/avx512/vnni/asimddp/i8mm"
+    print(f"# {host['cpu']} ({isa}), onnxruntime {host['onnxruntime']}, {args.threads} thread(s)")  # noqa: T201
+    print("[profile.reference_ms]")  # noqa: T201
+    for name, ms in times.model_dump().items():
+        print(f"{name} = {ms:g}")  # noqa: T201
     return 0
 
 

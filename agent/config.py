@@ -7,11 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.tls import client_tls_context
 from edgefleet.protocols.profile import DeviceProfile
 from edgefleet.protocols.topics import check_id
+
+if TYPE_CHECKING:
+    from edgefleet.agent.speed import SimulatedSpeed
 
 __all__ = ["AGENT_VERSION", "AgentConfig", "Faults"]
 
@@ -63,7 +67,8 @@ class AgentConfig:
     probation_max_errors: int = 5
     keepalive_s: int = 30
     durable: bool = True
-    latency_scale: float = 1.0
+    # A simulated device's speed (device / host per model path, agent/speed.py); None: a real device, timed as is.
+    speed: SimulatedSpeed | None = None
     outbox_max: int = 1000
     agent_version: str = AGENT_VERSION
     faults: Faults = field(default_factory=Faults)

@@ -1,18 +1,20 @@
 """Running a model with onnxruntime: one session per model at the class's thread count, timed per call.
 
 Simulated devices share sessions through a `SessionPool` (one per model digest and thread count) and scale the
-measured latency by their class's speed factor, so a laptop can stand in for a slower device class.
+measured latency by device / host on the reference workload (agent/speed.py), so one host can stand in for a slower
+device class.
 
-What a scaled latency times: a simulated device (`latency_scale != 1.0`: the class speed factor times a fault's
-`slow_factor`; a real device always runs at 1.0) infers a few times a second, so the host thread has slept between
-two inferences and its first run pays the host's wake-up: an idle CPU leaving its sleep state, caches and branch
-predictors cold. On a small model that floor (0.2-0.3 ms on a VM) is several times the model's compute
-(0.005-0.2 ms back-to-back), and multiplied by the speed factor it dominated the reported latency: the field could
-not tell a full-width model from a quarter-width one, and disagreed with the planner, which times warm back-to-back
-runs. The scaled time stands for the device's compute; the host's wake-up floor times the speed factor is not a
-property of the device. So a scaled run infers once (the outputs) and times a second, identical run right after it
-(warm): the reported latency is that warm compute time x the scale. Unscaled (real device) timing is one timed run,
-wake-up included, since there it is what the device does.
+What a scaled latency times: a simulated device (`latency_scale != 1.0`: device / host for the model's path times a
+fault's `slow_factor`; a real device always runs at 1.0) stands for the device's compute, which is not what the host's
+wall clock shows:
+- it infers a few times a second, so the host thread has slept between two inferences and its first run pays the
+  host's wake-up (an idle CPU leaving its sleep state, caches cold: 0.2-0.3 ms on a VM, several times a small model's
+  compute). So a scaled run infers once (the outputs) and times the runs right after it, warm;
+- on a shared host the scheduler preempts a run for other processes (a busy core, the controller, the broker): the
+  wall time of that run measures the neighbours. So the warm runs are timed in this thread's CPU time
+  (`time.thread_time`; the session runs on the calling thread at one intra-op thread), and the lower of two counts.
+The reported latency is that warm compute time x the scale. Unscaled (real device) timing is one timed run in wall
+time, wake-up included, since there it is what the device does.
 
 Example::
 
@@ -35,9 +37,23 @@ import onnxruntime as ort
 
 from edgefleet.agent.errors import InferenceError
 
-__all__ = ["InferenceResult", "ModelRunner", "SessionPool", "load_session"]
+__all__ = ["InferenceResult", "ModelRunner", "SessionPool", "load_session", "runtime_version"]
 
 log = logging.getLogger(__name__)
+
+
+def runtime_version() -> str:
+    """The installed onnxruntime as `major.minor.patch` (a dev or local suffix dropped), e.g. "1.32.0".
+
+    What the device reports in its birth and what the manifest's `min_onnxruntime_version` is checked against: the
+    runtime that will load the model, not what the class profile says its devices run.
+    """
+    numbers = []
+    for part in str(ort.__version__).replace("+", "-").split("-", 1)[0].split(".")[:3]:
+        if not part.isdigit():
+            break
+        numbers.append(part)
+    return ".".join(numbers + ["0"] * (2 - len(numbers)))  # the wire's VersionString wants at least major.minor
 
 
 def load_session(path: Path, *, threads: int) -> Any:
@@ -95,7 +111,8 @@ def _probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 class ModelRunner:
-    """One loaded model. `latency_scale` multiplies measured latency (speed factor of a simulated class); a scaled
+    """One loaded model. `latency_scale` multiplies measured latency (a simulated device's device / host, fixed or
+    read at each run); a scaled
     latency is the warm compute time of a second, identical run (module docstring)."""
 
     def __init__(
@@ -103,14 +120,16 @@ class ModelRunner:
         model_path: Path,
         *,
         threads: int,
-        latency_scale: float = 1.0,
+        latency_scale: float | Callable[[], float] = 1.0,
         session: Any | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        compute_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.model_path = model_path
         self.latency_scale = latency_scale
         self._session = session if session is not None else load_session(model_path, threads=threads)
         self._clock = clock
+        self._compute_clock = compute_clock
         inputs = self._session.get_inputs()
         self.input_names: tuple[str, ...] = tuple(i.name for i in inputs)
         self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
@@ -127,22 +146,26 @@ class ModelRunner:
             array = array.astype(np.float32)
         return array
 
-    def _timed_run(self, feeds: dict[str, np.ndarray]) -> tuple[list[Any], float]:
-        start = self._clock()
+    def _timed_run(
+        self, feeds: dict[str, np.ndarray], clock: Callable[[], float] | None = None
+    ) -> tuple[list[Any], float]:
+        clock = clock or self._clock
+        start = clock()
         try:
             outputs = self._session.run(None, feeds)
         except Exception as exc:  # onnxruntime raises untyped errors for shape/type mismatches
             shapes = {k: v.shape for k, v in feeds.items()}
             raise InferenceError(f"{self.model_path.name}: inference failed on inputs {shapes}: {exc}") from exc
-        return outputs, self._clock() - start
+        return outputs, clock() - start
 
     def run_feeds(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         """All outputs by name for named inputs, and the latency in seconds: measured as is at scale 1.0, else the
-        warm compute time (a second, identical run) times the scale (see the module docstring)."""
+        lower warm compute time of two more identical runs, times the scale (see the module docstring)."""
         outputs, elapsed = self._timed_run(feeds)
-        if self.latency_scale != 1.0:
-            _, elapsed = self._timed_run(feeds)
-            elapsed *= self.latency_scale
+        scale = self.latency_scale() if callable(self.latency_scale) else self.latency_scale
+        if callable(self.latency_scale) or scale != 1.0:
+            compute = min(self._timed_run(feeds, self._compute_clock)[1] for _ in range(2))
+            elapsed = compute * scale
         return {name: np.asarray(out) for name, out in zip(self.output_names, outputs, strict=True)}, elapsed
 
     def run_raw(self, x: Any) -> tuple[np.ndarray, float]:

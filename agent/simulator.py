@@ -1,9 +1,12 @@
 """A simulated fleet: N agents in one process on one selector loop, each with its own identity, credentials,
 data directory and state machine.
 
-Inference is real onnxruntime, for a sample of the devices (`infer_fraction`), with sessions shared per model
-and latency scaled by the class's speed factor. Faults can be injected into the first `fault_devices` devices;
-a device that 'crashes' is restarted from its data directory after `restart_after_s`, as a reboot would.
+Inference is real onnxruntime, for a sample of the devices (`infer_fraction`), with sessions shared per model. At
+start the simulator times the reference workload on this host (agent/speed.py) and scales each model's measured
+latency by device / host for the model's path (fp32 or int8), so a simulated rpi4 runs as its profile says on any
+host: a slower host, or one without VNNI, times the workload slower too. Faults can be injected into the first
+`fault_devices` devices; a device that 'crashes' is restarted from its data directory after `restart_after_s`, as a
+reboot would.
 
 Example::
 
@@ -26,12 +29,12 @@ from types import MappingProxyType
 
 from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig, Faults
-from edgefleet.agent.errors import AgentError
-from edgefleet.agent.reactor import Reactor
+from edgefleet.agent.errors import AgentError, InferenceError
+from edgefleet.agent.reactor import Reactor, Timer
 from edgefleet.agent.replay import Dataset
 from edgefleet.agent.runner import SessionPool
-from edgefleet.agent.speedfactor import random_input
-from edgefleet.protocols.profile import DeviceProfile
+from edgefleet.agent.speed import SimulatedSpeed, WorkloadTimer, random_input
+from edgefleet.protocols.profile import DeviceProfile, ReferenceTimes
 
 __all__ = ["FleetSimulator", "SimulationSummary", "SimulatorSpec"]
 
@@ -66,6 +69,10 @@ class SimulatorSpec:
     connect_rate_per_s: float = 1000.0
     keepalive_s: int = 60
     restart_after_s: float = 1.0
+    # This host's reference times at one thread, fixed; None: timed when the simulator starts and again every
+    # `speed_refresh_s` seconds (agent/speed.py), so a host that gets busier does not make the devices slower.
+    host_reference: ReferenceTimes | None = None
+    speed_refresh_s: float = 5.0
 
     def device_id(self, index: int) -> str:
         if self.device_ids:
@@ -96,6 +103,17 @@ class FleetSimulator:
         if spec.devices < 1:
             raise AgentError(f"simulate at least one device, not {spec.devices}")
         self.spec = spec
+        self._timer: WorkloadTimer | None = None
+        host = spec.host_reference
+        if host is None:
+            self._timer = WorkloadTimer(threads=1)
+            host = self._timer.time()
+        self.speed = SimulatedSpeed(spec.profile, host)
+        self._retimer: Timer | None = None
+        log.info(
+            "class %s on this host: fp32 models x %.3g, int8 x %.3g (host reference %s)",
+            spec.profile.name, self.speed.fp32, self.speed.int8, host,
+        )  # fmt: skip
         self.config_for(0).tls_context()  # a missing or bad TLS file fails here, not once per device later
         self._own_reactor = reactor is None
         self.reactor = reactor or Reactor()
@@ -128,7 +146,7 @@ class FleetSimulator:
             probation_s=spec.probation_s,
             keepalive_s=spec.keepalive_s,
             durable=False,
-            latency_scale=spec.profile.speed_factor,
+            speed=self.speed,
             faults=spec.faults if index < spec.fault_devices else Faults(),
         )
 
@@ -138,6 +156,18 @@ class FleetSimulator:
     def start(self) -> None:
         """Create and connect the devices, `connect_rate_per_s` at a time (a thundering herd hurts any broker)."""
         self._connect_batch()
+        if self._timer is not None:
+            self._retimer = self.reactor.call_later(self.spec.speed_refresh_s, self._retime)
+
+    def _retime(self) -> None:
+        """Time the reference workload again (~10-20 ms of one thread): the host's load moves."""
+        assert self._timer is not None  # noqa: S101 - scheduled only with a timer
+        try:
+            self.speed.update(self._timer.time(rounds=3, runs=20, warmup=2))
+        except InferenceError as exc:  # onnxruntime failing on a model it ran before: keep the last numbers
+            log.warning("re-timing the reference workload failed: %s", exc)
+        log.debug("class %s: fp32 x %.3g, int8 x %.3g", self.spec.profile.name, self.speed.fp32, self.speed.int8)
+        self._retimer = self.reactor.call_later(self.spec.speed_refresh_s, self._retime)
 
     def _connect_batch(self) -> None:
         batch = max(1, int(self.spec.connect_rate_per_s / 20))
@@ -194,6 +224,8 @@ class FleetSimulator:
 
     def stop(self) -> None:
         """Stop every device cleanly; closes the loop too when the simulator made it."""
+        if self._retimer is not None:
+            self._retimer.cancel()
         for agent in self.agents:
             agent.stop()
         self.reactor.run(timeout=0.2)

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from edgefleet.agent.download import Download
 from edgefleet.agent.errors import AgentError
+from edgefleet.agent.runner import runtime_version
 from edgefleet.agent.slots import Slots
 from edgefleet.protocols.codes import ResultCode
 from edgefleet.protocols.errors import DigestMismatchError, IncompatibleError
@@ -42,7 +43,8 @@ def verify_signed(
     manifest = verify_manifest(
         signed, trusted_keys=trusted_keys, now=now, current_version=current_version, allow_rollback=allow_rollback
     )
-    check_compatible(manifest, profile)
+    # The class and opset from the profile; the runtime is the one installed here, which is what will load the model.
+    check_compatible(manifest, profile.model_copy(update={"onnxruntime_version": runtime_version()}))
     if manifest.size_bytes > profile.storage_budget_bytes:
         raise NoStorageError(
             f"artifact {manifest.artifact_name} v{manifest.version} has {manifest.size_bytes} bytes; "

@@ -1,8 +1,9 @@
 """Calibrating the class profiles for the closed loop: field p95 of each model in the simulator vs the planner's.
 
-A simulated device reports latency = the model's warm host compute time (a second, identical run right after the
-one that gives the outputs: agent/runner.py) x the class speed factor (x a fault `slow_factor`); the planner predicts
-p95 = host p95 measured back-to-back on a quiet thread x the speed factor. This measures, for the digits example:
+A simulated device reports latency = the model's warm host compute time (the thread's CPU time of the lower of two
+runs right after the one that gives the outputs: agent/runner.py) x device/host on the reference workload for the
+model's path (x a fault `slow_factor`); the planner predicts p95 = host p95 measured back-to-back on one thread x the
+same device/host. This measures, for the digits example:
 
 - the planner's host p95 of fp32, of the demo's ladder (full-, half-, quarter-width students: the rpi4 story starts
   on the first, its recompression takes the first rung predicted to fit), of the cortex-a53 fixed recipe and of the
@@ -10,7 +11,7 @@ p95 = host p95 measured back-to-back on a quiet thread x the speed factor. This 
 - the host p95 of the same models under field load, timed as a simulated device times them: 3 processes (one per
   class) of 10 devices at 1 Hz each, the simulator's own scaled `ModelRunner` on the replayed validation inputs;
 
-and writes the tables (field p95 x speed factor against each budget, the rpi4 story's margins, and the factor the
+and writes the tables (field p95 x device/host against each budget, the rpi4 story's margins, and the ratio the
 speed-factor trigger would observe) to docs/benchmarks.md.
 
     .venv/bin/python benchmarks/recompress_calibration.py [--seconds 60] [--plan-budget 40]
@@ -102,7 +103,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
+    from edgefleet.agent.speed import is_int8_model
     from edgefleet.compression import compress, parse_recipe
+    from edgefleet.compression.host_speed import host_reference
     from edgefleet.controller.demo_builder import FIT_MARGIN, choose_rung
     from edgefleet.controller.demo_models import (
         LADDER,
@@ -148,6 +151,12 @@ def main() -> None:
         path = args.out / f"m{i}.onnx"
         path.write_bytes(data)
         paths[label] = str(path)
+    host = host_reference()
+    print(f"host reference (1 thread): {host}", flush=True)
+
+    def ratio(name: str, label: str) -> float:
+        return profiles[name].predict_ms(1.0, host, int8=is_int8_model(Path(paths[label])))
+
     field = field_p95(list(paths.values()), seconds=args.seconds)
     rows = []
     for label, (_, host, acc) in models.items():
@@ -156,20 +165,21 @@ def main() -> None:
     header = "| model | accuracy | planner host p95 (ms, quiet, 1 thr) | field host p95 (ms, 30 dev at 1 Hz) | ratio |"
     lines = [header, "|---|---|---|---|---|"]
     for r in rows:
-        ratio = r["field_host_p95_ms"] / r["planner_host_p95_ms"]
+        field_over_quiet = r["field_host_p95_ms"] / r["planner_host_p95_ms"]
         lines.append(f"| {r['model']} | {r['accuracy']:.3f} | {r['planner_host_p95_ms']:.3f} | "
-                     f"{r['field_host_p95_ms']:.3f} | {ratio:.2f} |")  # fmt: skip
+                     f"{r['field_host_p95_ms']:.3f} | {field_over_quiet:.2f} |")  # fmt: skip
     field_of = {r["model"]: r["field_host_p95_ms"] for r in rows}
     full = field_of[rungs[0]]
     lines += [
         "",
-        "Simulated field p95 = field host p95 x speed factor (x 2.5 on the planted slow devices), judged like the",
+        "Simulated field p95 = field host p95 x device/host for the model's path (x 2.5 on the planted slow devices),",
+        "judged like the",
         "trigger and the gates: by the upper bound of its telemetry bucket against the budget; the margin is",
         "budget / p95 (within) or p95 / budget (over). The recompressed model is the rung the demo's builder",
         f"(`choose_rung`, fit margin {FIT_MARGIN:g}) picks at 2.5x from the full-width student's field p95.",
         "",
         (
-            "| class | speed factor | budget (ms) | planner's pick | pick | full-width | full-width x2.5 | "
+            "| class | device/host (fp32) | budget (ms) | planner's pick | pick | full-width | full-width x2.5 | "
             "recompressed x2.5 |"
         ),
         "|---|---|---|---|---|---|---|---|",
@@ -179,40 +189,46 @@ def main() -> None:
     chosen: dict[str, str] = {}
     for name in CLASSES:
         p = profiles[name]
-        sf, budget = p.speed_factor, p.latency_budget_ms
-        pick = field_of[picks[name]] * sf
+        sf, budget = ratio(name, rungs[0]), p.latency_budget_ms
+        pick = field_of[picks[name]] * ratio(name, picks[name])
         index, _ = choose_rung(
-            base_p95_ms=full * sf, slowdown=SLOW, speed_factor=sf, current_host_ms=host_of_width[widths[0]],
+            base_p95_ms=full * sf, slowdown=SLOW, device_over_host=sf, current_host_ms=host_of_width[widths[0]],
             rung_host_ms=[host_of_width[w] for w in widths], budget_ms=budget,
         )  # fmt: skip
         chosen[name] = LADDER[index]["name"]
         rung = field_of[rungs[index]] * sf * SLOW
         lines.append(
-            f"| {name} | {sf:g} | {budget:g} | {picks[name].split(': ', 1)[1]} | {_judge(pick, budget)} | "
+            f"| {name} | {sf:.3g} | {budget:g} | {picks[name].split(': ', 1)[1]} | {_judge(pick, budget)} | "
             f"{_judge(full * sf, budget)} | {_judge(full * sf * SLOW, budget)} | {chosen[name]}: "
             f"{_judge(rung, budget)} |"
         )
     lines += [
         "",
-        "The speed-factor trigger (controller/recompress_policy.py) observes factor = profile factor x the field p95's",
-        "bucket bound / the planner's predicted p95, and fires when observed / profile is off 1 by more than the",
-        "tolerance (rpi4.toml). For the planner's picks and the full-width student (the demo's first rpi4 model), at",
-        "the profiled speed and 2.5x slower:",
+        "The speed-factor trigger (controller/recompress_policy.py) observes the field p95's bucket bound / the",
+        "planner's predicted p95, and fires when that is off 1 by more than the tolerance (rpi4.toml). For the",
+        "planner's picks and the full-width student (the demo's first rpi4 model), at the profiled speed and 2.5x",
+        "slower:",
         "",
-        "| class | model | predicted p95 (ms) | field p95 (ms) | bucket bound (ms) | observed / profile | x2.5 |",
+        "| class | model | predicted p95 (ms) | field p95 (ms) | bucket bound (ms) | field / predicted | x2.5 |",
         "|---|---|---|---|---|---|---|",
     ]
     observed: dict[str, float] = {}
     for name in CLASSES:
-        sf = profiles[name].speed_factor
         for label in (picks[name], rungs[0]):
+            sf = ratio(name, label)
             want = predicted.get(label, models[label][1] * sf)
             got = field_of[label] * sf
             ratio, slow = _bound(got) / want, _bound(got * SLOW) / want
             observed[f"{name}: {label}"] = ratio
             lines.append(f"| {name} | {label.split(': ', 1)[-1]} | {want:.3f} | {got:.3f} | {_bound(got):g} | "
                          f"{ratio:.2f} | {slow:.2f} |")  # fmt: skip
-    summary = {"rows": rows, "picks": picks, "chosen_rung": chosen, "observed_over_profile": observed}
+    summary = {
+        "rows": rows,
+        "picks": picks,
+        "chosen_rung": chosen,
+        "field_over_predicted": observed,
+        "host": host.model_dump(),
+    }
     (args.out / "calibration.json").write_text(json.dumps(summary, indent=2))
     body = "\n".join(lines)
     print(body)

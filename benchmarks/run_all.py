@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # Cheap first; the planner benchmark plans every profile x example from a cold cache (minutes).
-ORDER = ("compression", "telemetry_ingest", "transfer", "simulator", "recompress_calibration", "planner")
+ORDER = ("compression", "telemetry_ingest", "transfer", "simulator", "speed_model", "recompress_calibration", "planner")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ from edgefleet.protocols.codec import encode
 from edgefleet.protocols.commands import DeployCommand
 from edgefleet.protocols.manifest import InlineTensor, Manifest, SignedManifest, TensorSpec, ValidationSample
 from edgefleet.protocols.manifest import block_digests as digests
-from edgefleet.protocols.profile import DeviceProfile
+from edgefleet.protocols.profile import DeviceProfile, ReferenceTimes
 from edgefleet.protocols.signing import generate_keypair, key_id, sign_manifest
 
 FLEET = "bench"
@@ -77,7 +77,7 @@ def profile(block_size: int = BLOCK) -> DeviceProfile:
         threads=1,
         int8_dot_product=False,
         block_size_bytes=block_size,
-        speed_factor=1.0,
+        reference_ms=ReferenceTimes(fp32_conv=1.0, fp32_matmul=1.0, int8_conv=1.0, int8_matmul=1.0),
     )
 
 

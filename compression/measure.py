@@ -1,7 +1,10 @@
 """Measurement, one function used everywhere: size, transfer size, parameters, accuracy, latency, peak RSS.
 
 `measure(onnx_bytes, task)` returns a `Measurement`; pass `baseline=` (the fp32 export's measurement) to fill in the
-ratios. Latency is onnxruntime at batch 1 on `threads` intra-op threads, after warm-up, over many runs. Peak RSS is
+ratios. Latency is onnxruntime at batch 1 on `threads` intra-op threads, after warm-up, over many runs; at one thread
+(the planner's host measurement) each run is timed in the calling thread's CPU time, where onnxruntime computes it, so
+a busy host's scheduler does not stretch it: the same clock as the host's reference-workload times and the simulated
+devices' (agent/speed.py, agent/runner.py), which a device latency is predicted from. Peak RSS is
 taken from a fresh Python process that imports onnxruntime (never torch), loads the model and runs it: what a device
 process would hold.
 """
@@ -85,11 +88,12 @@ def _latency_ms(data: bytes, sample: np.ndarray, *, threads: int, runs: int, war
     feeds = [{name: sample[i % len(sample)][None]} for i in range(min(len(sample), 32))]
     for i in range(warmup):
         sess.run(None, feeds[i % len(feeds)])
+    clock = time.thread_time_ns if threads == 1 else time.perf_counter_ns
     times = np.empty(runs)
     for i in range(runs):
-        begin = time.perf_counter_ns()
+        begin = clock()
         sess.run(None, feeds[i % len(feeds)])
-        times[i] = (time.perf_counter_ns() - begin) / 1e6
+        times[i] = (clock() - begin) / 1e6
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 

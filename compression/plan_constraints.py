@@ -23,7 +23,7 @@ import numpy.typing as npt
 from edgefleet.compression.measure import Measurement
 from edgefleet.compression.plan_models import Constraint, ConstraintAnalysis, ConstraintCheck
 from edgefleet.compression.recipe import PassKind
-from edgefleet.protocols.profile import DeviceProfile
+from edgefleet.protocols.profile import DeviceProfile, ReferenceTimes
 
 __all__ = [
     "analyse",
@@ -107,8 +107,12 @@ def _relative(constraint: Constraint, value: float, budget: float, unit: str, de
     )
 
 
-def check_resources(measurement: Measurement, predicted_ms: float, profile: DeviceProfile) -> list[ConstraintCheck]:
+def check_resources(
+    measurement: Measurement, predicted_ms: float, profile: DeviceProfile, host: ReferenceTimes, *, int8: bool
+) -> list[ConstraintCheck]:
     """Storage (file bytes), RAM (peak RSS, when measured) and predicted device p95 latency."""
+    ratio = profile.device_over_host(host, int8=int8)
+    correction = f" x field correction {profile.speed_correction:.3g}" if profile.speed_correction != 1.0 else ""
     checks = [_relative(Constraint.STORAGE, measurement.file_bytes, profile.storage_budget_bytes, "bytes")]
     if measurement.peak_rss_bytes is not None:
         checks.append(_relative(Constraint.RAM, measurement.peak_rss_bytes, profile.ram_budget_bytes, "bytes"))
@@ -118,7 +122,8 @@ def check_resources(measurement: Measurement, predicted_ms: float, profile: Devi
             predicted_ms,
             profile.latency_budget_ms,
             "ms",
-            detail=f"host p95 {measurement.latency_p95_ms:.3f} ms x speed factor {profile.speed_factor:g}",
+            detail=f"host p95 {measurement.latency_p95_ms:.3f} ms x device/host {ratio:.3g} on the "
+            f"{'int8' if int8 else 'fp32'} reference workload{correction}",
         )
     )
     return checks

@@ -21,7 +21,7 @@ from edgefleet.compression.recipe import (
     Recipe,
     StructuredPruneConfig,
 )
-from edgefleet.protocols.profile import DeviceProfile
+from edgefleet.protocols.profile import DeviceProfile, ReferenceTimes
 
 __all__ = [
     "Candidate",
@@ -77,20 +77,16 @@ class PlanOptions(_Frozen):
         float, Field(ge=0.5, lt=1.0, description="one-sided confidence for the accuracy floor (0.5: point estimate)")
     ] = 0.95
     host_threads: Annotated[
-        int, Field(ge=1, le=256, description="onnxruntime threads for host latency; the speed factor is relative to it")
+        int, Field(ge=1, le=256, description="onnxruntime threads for host latency and the host reference times")
     ] = 1
     latency_runs: Annotated[int, Field(ge=10, le=100_000)] = 200
     latency_repeats: Annotated[int, Field(ge=1, le=9, description="lowest of this many p95 measurements")] = 3
     rss: bool = Field(default=True, description="measure peak RSS in a fresh process (needed for the RAM budget)")
-    int8_without_dot_product_penalty: Annotated[
-        float,
-        Field(
-            ge=1.0,
-            le=10.0,
-            description="an int8 model on a CPU without int8 dot-product is predicted this much slower than the "
-            "float model it was quantized from",
-        ),
-    ] = 1.2
+    host_reference: ReferenceTimes | None = Field(
+        default=None,
+        description="this host's reference-workload times at `host_threads` (None: measured once per host and "
+        "cached, compression/host_speed.py)",
+    )
     max_chains: Annotated[int, Field(ge=1, le=32, description="structural recipes tried at the first rung")] = 8
     accuracy_tie: Annotated[
         float,

@@ -11,13 +11,14 @@
         print(result.closest.label, [(m.constraint, m.miss) for m in result.misses])
 
 Steps: export and measure the fp32 model; work out which constraints it violates and by how much
-(`plan_constraints.analyse`); try the ONNX-level passes on it, then structural chains sized to the remaining gap,
-by successive halving (`plan_search`), each recipe built once per prefix and cached by content hash
-(`plan_evaluate`, `plan_cache`); judge every measured candidate against the profile (onnxruntime size, peak RSS,
-p95 latency x speed factor, accuracy with a confidence bound); choose the most accurate fit, smaller and faster
-breaking ties. Nothing fitting is an answer, not an error: `feasible` is False and `closest` says by how much each
-constraint is missed. With `PlanOptions.time_budget_s` the search stops when the budget runs out and returns the
-best fit measured so far (`timed_out` is True); a pass already running finishes first (each fine-tune is bounded).
+(`plan_constraints.analyse`); try the ONNX-level passes on it, then structural chains sized to the remaining gap, by
+successive halving (`plan_search`), each recipe built once per prefix and cached by content hash (`plan_evaluate`,
+`plan_cache`); judge every measured candidate against the profile (onnxruntime size, peak RSS, p95 latency x
+device/host on the reference workload, accuracy with a confidence bound); choose the most accurate fit, smaller and
+faster breaking ties. Nothing fitting is an answer, not an error: `feasible` is False and `closest` says by how much
+each constraint is missed. With `PlanOptions.time_budget_s` the search stops when the budget runs out and returns
+the best fit measured so far (`timed_out` is True); a pass already running finishes first (each fine-tune is
+bounded).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 
 from edgefleet.compression.errors import CompressionError, ExportError
 from edgefleet.compression.export import OPSET
+from edgefleet.compression.host_speed import host_reference
 from edgefleet.compression.pipeline import initial_state
 from edgefleet.compression.plan_cache import PlanCache
 from edgefleet.compression.plan_compat import effective_opset, incompatibilities
@@ -67,18 +69,12 @@ class _Judge:
         self.profile, self.evaluator, self.options = profile, evaluator, options
         self.z = z_score(options.confidence)
         self.reference: Evaluated | None = None
+        self.host = options.host_reference or host_reference(threads=options.host_threads)
 
     def __call__(self, ev: Evaluated) -> Candidate:
         reference = self.reference or ev
-        parent = self.evaluator.results.get(ev.parent) if ev.parent is not None else None
-        predicted = predict_latency_ms(
-            ev.measurement.latency_p95_ms,
-            self.profile,
-            int8=ev.int8,
-            float_parent_p95_ms=parent.measurement.latency_p95_ms if parent is not None else None,
-            int8_penalty=self.options.int8_without_dot_product_penalty,
-        )
-        checks = check_resources(ev.measurement, predicted, self.profile)
+        predicted = predict_latency_ms(ev.measurement.latency_p95_ms, self.profile, self.host, int8=ev.int8)
+        checks = check_resources(ev.measurement, predicted, self.profile, self.host, int8=ev.int8)
         checks.append(
             check_accuracy(ev.correct, reference.correct, self.profile, z=self.z, is_reference=ev.key == reference.key)
         )

@@ -66,6 +66,7 @@ from edgefleet.controller.demo_models import (
     CompressMode,
     TrainedModel,
     compress_for_class,
+    host_times,
     onnx_accuracy,
     swap_labels,
     train_digits,
@@ -334,7 +335,7 @@ class Demo:
             mqtt_port=port,
         )
         for name, profile in self.profiles.items():
-            self.stories[name] = ClassStory(name, profile.latency_budget_ms, profile.speed_factor)
+            self.stories[name] = ClassStory(name, profile.latency_budget_ms, self._device_over_host(profile))
         self.broker = configured or start_managed_broker(settings, Registry(app.db, actor="demo"))
         where = "managed mosquitto" if self.broker.managed else "configured broker"
         pid = f", pid {self.broker.managed.pid}" if self.broker.managed else ""
@@ -433,14 +434,21 @@ class Demo:
                 self.console.print(f"  {name}: {note}")
             if name == self.options.slow_class:
                 host = model.metrics.get("latency_p95_ms_host", 0.0)
-                sf, budget = self.profiles[name].speed_factor, self.profiles[name].latency_budget_ms
-                slow = self.options.slow_factor
+                ratio, budget = self.stories[name].device_over_host, self.profiles[name].latency_budget_ms
+                slow, device = self.options.slow_factor, host * ratio
+                fits = "within" if device <= budget else "over"
                 self.console.print(
-                    f"  {name}: the accurate full-width student, p95 {host:.3f} ms here x speed factor {sf:g} = "
-                    f"{host * sf:.2f} ms, within its {budget:g} ms budget; {slow:g}x slower: {host * sf * slow:.2f} ms"
+                    f"  {name}: {model.recipe_label}, p95 {host:.3f} ms on this host x device/host {ratio:.3g} "
+                    f"(reference workload) = {device:.2f} ms, {fits} its {budget:g} ms budget; "
+                    f"{slow:g}x slower: {device * slow:.2f} ms"
                 )
         self.seconds["compress"] = round(time.monotonic() - began, 1)
         return built
+
+    @staticmethod
+    def _device_over_host(profile: DeviceProfile) -> float:
+        """The class's fp32 device/host ratio on this host (what its simulated devices scale fp32 models by)."""
+        return profile.predict_ms(1.0, host_times(), int8=False)
 
     def _floor(self, measured: float | None) -> float | None:
         return round(max(0.1, measured - ACCURACY_MARGIN), 3) if measured is not None else None

@@ -32,6 +32,7 @@ from edgefleet.controller.demo_models import (
     CompressMode,
     TrainedModel,
     compress_for_class,
+    host_times,
     recipe_width,
     width_latency_ms,
 )
@@ -60,15 +61,16 @@ class BuildProgress:
 
 
 def choose_rung(
-    *, base_p95_ms: float, slowdown: float, speed_factor: float, current_host_ms: float,
+    *, base_p95_ms: float, slowdown: float, device_over_host: float, current_host_ms: float,
     rung_host_ms: list[float], budget_ms: float, margin: float = FIT_MARGIN,
 ) -> tuple[int, list[float]]:  # fmt: skip
     """The first rung predicted to fit, and every rung's prediction (the last rung when none fits).
 
-    A rung's field p95 = (the class's baseline p95 + the difference in host compute scaled by the class's speed
-    factor) times the slowdown: the part of the baseline that is not the model's compute stays as it was.
+    A rung's field p95 = (the class's baseline p95 + the difference in host compute scaled by the class's
+    device/host ratio on the reference workload) times the slowdown: the part of the baseline that is not the
+    model's compute stays as it was.
     """
-    predicted = [(base_p95_ms + (h - current_host_ms) * speed_factor) * slowdown for h in rung_host_ms]
+    predicted = [(base_p95_ms + (h - current_host_ms) * device_over_host) * slowdown for h in rung_host_ms]
     for index, value in enumerate(predicted):
         if value * margin <= budget_ms:
             return index, predicted
@@ -136,7 +138,7 @@ class LadderBuilder:
         index, predicted = choose_rung(
             base_p95_ms=base_p95,
             slowdown=max(1.0, slowdown),
-            speed_factor=profile.speed_factor,
+            device_over_host=profile.predict_ms(1.0, host_times(), int8=False),
             current_host_ms=host[current_width],
             rung_host_ms=[host[w] for w in widths],
             budget_ms=profile.latency_budget_ms,

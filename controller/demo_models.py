@@ -3,7 +3,8 @@
 torch is imported inside the functions only (the controller never loads it at import time). With the planner,
 each class gets a search with a small time budget; a class for which nothing fits in that budget falls back to
 its fixed recipe below, chosen to fit the shipped profiles (cortex-a53: a 48 KiB partition, so a quarter-width
-student in int8; rpi4: a 2 ms budget at speed factor 5.5 with no int8 dot-product, so a quarter-width fp32 student,
+student in int8; rpi4: a 2 ms budget on a device ~2.4x slower than a server core with no int8 dot-product, so a
+quarter-width fp32 student,
 which also fits when the devices run 2.5x slower).
 
 Example::
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import JsonValue
 
 from edgefleet.controller.errors import ControllerError
-from edgefleet.protocols.profile import DeviceProfile
+from edgefleet.protocols.profile import DeviceProfile, ReferenceTimes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -303,8 +304,8 @@ def onnx_accuracy(onnx: bytes, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def host_p95_ms(onnx: bytes, *, runs: int = 200, quantile: float = 95) -> float:
-    """p95 (or another percentile) of one inference on this host at one thread (what a simulated device's latency
-    is scaled from)."""
+    """p95 (or another percentile) of one inference on this host at one thread, in this thread's CPU time (what a
+    simulated device's latency is scaled from, compression/measure.py)."""
     import time
 
     import numpy as np
@@ -317,10 +318,17 @@ def host_p95_ms(onnx: bytes, *, runs: int = 200, quantile: float = 95) -> float:
         session.run(None, {inp.name: sample})
     times = []
     for _ in range(runs):
-        began = time.perf_counter()
+        began = time.thread_time()
         session.run(None, {inp.name: sample})
-        times.append(time.perf_counter() - began)
+        times.append(time.thread_time() - began)
     return float(np.percentile(times, quantile) * 1000)
+
+
+def host_times() -> ReferenceTimes:
+    """This host's reference-workload times at one thread (measured once per host, compression/host_speed.py)."""
+    from edgefleet.compression.host_speed import host_reference
+
+    return host_reference()
 
 
 def width_latency_ms(width: float) -> float:

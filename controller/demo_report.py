@@ -108,7 +108,7 @@ class ClassStory:
 
     device_class: str
     latency_budget_ms: float
-    speed_factor: float
+    device_over_host: float  # fp32 path, this host's reference times against the profile's
     versions: list[VersionStory] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     current_version: int | None = None

@@ -121,8 +121,8 @@ def _profile(profiles_dir: Path, name: str) -> DeviceProfile:
 def simulation_profile(source: Path, dest_dir: Path) -> Path:
     """A copy of a class profile for the simulator, with `threads = 1`.
 
-    A profile's `speed_factor` is the device's p95 over the host's p95 *at one thread*, so a simulated device
-    runs its model on one host thread and scales the time by that factor. At the class's own thread count (4 for
+    A simulated device scales its host timings by device / host on the reference workload, the host timed *at one
+    thread* (agent/speed.py), so it runs its model on one host thread. At the class's own thread count (4 for
     rpi4) on a small, busy host the threads only wait for each other, and the scaled latency is meaningless.
     """
     try:

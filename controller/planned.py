@@ -2,9 +2,9 @@
 recompression worker, so both record the same recipe shape (the list of passes) and the same metrics.
 
 The metrics are what the gates and the recompression triggers compare the field with later: `accuracy` and
-`predicted_p95_ms` (host p95 at one thread times the class speed factor), plus sizes and host latencies. The task's
-validation split (`validation_of(task)`) gives the manifest its validation samples, so a planned artifact is always
-checked on the devices before they switch to it.
+`predicted_p95_ms` (host p95 at one thread x device/host on the reference workload, compression/plan_latency.py),
+plus sizes and host latencies. The task's validation split (`validation_of(task)`) gives the manifest its validation
+samples, so a planned artifact is always checked on the devices before they switch to it.
 """
 
 from __future__ import annotations

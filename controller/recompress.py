@@ -1,7 +1,7 @@
 """The closed loop: field telemetry triggers a recompression, a new artifact, and a gated rollout of it.
 
 `RecompressionLoop.step(now)` (from the controller's timer, like the rollout engine) checks every class that has a
-policy. A trigger is recorded with its evidence (and the audit log), the class profile's speed factor is updated
+policy. A trigger is recorded with its evidence (and the audit log), the class profile's speed correction is updated
 when the field measured one, and a build is requested from the `builder` (the compression worker: re-plan for
 the updated profile, sign the result as the class's next artifact). With `mode = "auto"` the new artifact's
 rollout starts at once; with `"approve"` it waits for `edgefleet recompress approve ID`.
@@ -228,13 +228,14 @@ class RecompressionLoop:
         session.flush()
         self._audit(session, "recompress.trigger", class_row.name, now, id=row.id, trigger=trigger.kind,
                     summary=trigger.summary, evidence=trigger.evidence)  # fmt: skip
-        if trigger.observed_speed_factor is not None:
+        if trigger.speed_correction is not None:
             profile = profile_of(class_row)
-            updated = profile.model_copy(update={"speed_factor": round(trigger.observed_speed_factor, 3)})
+            updated = profile.model_copy(update={"speed_correction": round(trigger.speed_correction, 3)})
             class_row.profile_json = updated.model_dump_json()
             session.add(class_row)
-            self._audit(session, "class.profile.update", class_row.name, now, speed_factor=updated.speed_factor,
-                        was=profile.speed_factor, recompression=row.id)  # fmt: skip
+            self._audit(session, "class.profile.update", class_row.name, now,
+                        speed_correction=updated.speed_correction, was=profile.speed_correction,
+                        recompression=row.id)  # fmt: skip
         log.info("class %s: recompression %s triggered: %s", class_row.name, row.id, trigger.summary)
         assert row.id is not None  # noqa: S101 - flushed
         return row.id

@@ -1,9 +1,10 @@
 """Recompression policies per class (the `[policy]` table of the class TOML) and the triggers they define.
 
-A trigger looks at the class's current model in the field: its p95 latency over the class budget for K
-consecutive telemetry windows, its accuracy on labelled samples below the floor, its deploys failing with out of
-memory or validation failures above a rate, and the speed factor measured in the field differing from the
-profile's by more than a tolerance. `detect` returns the first trigger that fires, with its evidence.
+A trigger looks at the class's current model in the field: its p95 latency over the class budget for K consecutive
+telemetry windows, its accuracy on labelled samples below the floor, its deploys failing with out of memory or
+validation failures above a rate, and the devices' speed measured in the field (field p95 over the p95 the planner
+predicted from the profile's reference times) differing from the prediction by more than a tolerance. `detect`
+returns the first trigger that fires, with its evidence.
 
 Example class TOML::
 
@@ -101,12 +102,13 @@ def parse_policy(document: dict[str, Any], *, source: str = "<policy>") -> Recom
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Trigger:
-    """Why the class needs a new model; `observed_speed_factor` updates the class profile when measured."""
+    """Why the class needs a new model; `speed_correction` (the profile's, times field/predicted) updates the class
+    profile when measured, so the build predicts from the speed the field shows."""
 
     kind: str
     summary: str
     evidence: dict[str, Any]
-    observed_speed_factor: float | None = None
+    speed_correction: float | None = None
 
 
 def _windows(
@@ -163,14 +165,19 @@ def _latency(windows: dict[dt.datetime, Any], **kw: Any) -> Trigger | None:
         "latency",
         f"p95 {values[-1] * 1000:g} ms over the {profile.latency_budget_ms:g} ms budget for {len(last)} windows",
         {"p95_s": values, "budget_s": budget, "windows": [w.isoformat() for w, _ in last]},
-        observed_speed_factor=_observed_factor(windows, **kw),
+        speed_correction=_corrected(windows, **kw),
     )
 
 
-def _observed_factor(windows: dict[dt.datetime, Any], **kw: Any) -> float | None:
-    """Field p95 / the p95 the artifact was predicted to have on the device, times the profile's factor."""
-    artifact: Artifact = kw["artifact"]
+def _corrected(windows: dict[dt.datetime, Any], **kw: Any) -> float | None:
+    ratio = _field_over_predicted(windows, **kw)
     profile: DeviceProfile = kw["profile"]
+    return None if ratio is None else profile.speed_correction * ratio
+
+
+def _field_over_predicted(windows: dict[dt.datetime, Any], **kw: Any) -> float | None:
+    """Field p95 (its telemetry bucket bound) / the p95 the artifact was predicted to have on the device."""
+    artifact: Artifact = kw["artifact"]
     metrics = json.loads(artifact.metrics_json or "{}")
     predicted_ms = metrics.get("predicted_p95_ms")
     if not isinstance(predicted_ms, int | float) or predicted_ms <= 0:
@@ -180,7 +187,7 @@ def _observed_factor(windows: dict[dt.datetime, Any], **kw: Any) -> float | None
         counts = [a + b for a, b in zip(counts, v[3], strict=True)]
     if sum(counts) == 0:
         return None
-    return float(profile.speed_factor * p95_bound(counts) * 1000 / predicted_ms)
+    return float(p95_bound(counts) * 1000 / predicted_ms)
 
 
 def _speed_factor(windows: dict[dt.datetime, Any], **kw: Any) -> Trigger | None:
@@ -188,15 +195,16 @@ def _speed_factor(windows: dict[dt.datetime, Any], **kw: Any) -> Trigger | None:
     policy: RecompressionPolicy = kw["policy"]
     if policy.speed_factor_tolerance is None or sum(v[0] for v in windows.values()) < policy.min_samples:
         return None
-    observed = _observed_factor(windows, **kw)
-    if observed is None or abs(observed / profile.speed_factor - 1) <= policy.speed_factor_tolerance:
+    ratio = _field_over_predicted(windows, **kw)
+    if ratio is None or abs(ratio - 1) <= policy.speed_factor_tolerance:
         return None
     return Trigger(
         "speed_factor",
-        f"devices run {observed:.2g}x slower than the host, the profile says {profile.speed_factor:g}x",
-        {"observed": observed, "profile": profile.speed_factor, "tolerance": policy.speed_factor_tolerance},
-        observed_speed_factor=observed,
-    )
+        f"devices run {ratio:.2g}x the p95 predicted from the profile's reference times",
+        {"field_over_predicted": ratio, "correction": profile.speed_correction,
+         "tolerance": policy.speed_factor_tolerance},
+        speed_correction=profile.speed_correction * ratio,
+    )  # fmt: skip
 
 
 def _accuracy(windows: dict[dt.datetime, Any], **kw: Any) -> Trigger | None:

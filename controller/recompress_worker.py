@@ -2,7 +2,7 @@
 
 `PlannerBuilder` is a `Builder` for `RecompressionLoop`: it loads the model and its data (a `ModelLoader` maps the
 registry's model name to a torch module or ONNX bytes plus a `Task`), runs the planner against the class profile
-the loop just updated from the field (e.g. its observed speed factor), and records the chosen ONNX model as the
+the loop just updated from the field (e.g. its speed correction), and records the chosen ONNX model as the
 class's next signed artifact, with the metrics the gates and the next trigger compare with (`accuracy`,
 `predicted_p95_ms`) and validation samples from the task's validation split. torch is imported inside the call only.
 
@@ -63,7 +63,7 @@ class PlannerBuilder:
             **metrics,
             "recipe": chosen.label,
             "binding": result.binding.value if result.binding else None,
-            "speed_factor": request.profile.speed_factor,
+            "speed_correction": request.profile.speed_correction,
             "seconds": result.seconds,
             "version": artifact.version,
         }

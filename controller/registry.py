@@ -160,7 +160,7 @@ class Registry:
     ) -> DeviceClass:
         """Replace a class's profile and its recompression policy (None removes it), in one transaction.
 
-        The file is the truth: a speed factor the recompression loop learned from the field is replaced too.
+        The file is the truth: a speed correction the recompression loop learned from the field is replaced too.
         """
         class_name = check_name("class", name or profile.name)
         with self.db.transaction(f"updating class {class_name!r}") as session:

@@ -12,9 +12,16 @@ import base64
 import binascii
 import hashlib
 import math
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from edgefleet.protocols.errors import ProtocolError
 from edgefleet.protocols.wire import (
@@ -153,13 +160,53 @@ class ValidationSample(WireModel):
 
 
 class Tolerances(WireModel):
-    """How close the device's outputs must be to `expected`: |got - want| <= abs_tol + rel_tol * |want|."""
+    """How close the device's outputs must be to `expected`: |got - want| <= abs_tol + rel_tol * |want|.
+
+    A sample is *close* when every element of every output passes that test, and *agrees* when every output's
+    argmax matches, or when the device's top-1 is within `top1_margin` of the expected top-1 in `expected`
+    (`expected[top-1] - expected[device's top-1] < top1_margin`: a near-tie that the device's rounding may flip).
+    The model passes when at least `min_close` of the samples are close and `top1_agreement` of them agree.
+
+    `min_close` and `top1_margin` are optional: null (the default) means `min_close = top1_agreement` and exact
+    argmax agreement, the rule of manifests that predate them, and a null field is left out of the JSON, so such
+    a manifest serialises (and is signed) byte for byte as before.
+    """
 
     abs_tol: Annotated[float, Field(ge=0.0, le=1e6)] = 1e-3
     rel_tol: Annotated[float, Field(ge=0.0, le=1e6)] = 1e-2
     top1_agreement: Annotated[
         float, Field(ge=0.0, le=1.0, description="least fraction of samples whose argmax must match")
     ] = 1.0
+    min_close: Annotated[
+        float | None,
+        Field(ge=0.0, le=1.0, description="least fraction of samples that must be close; null: top1_agreement"),
+    ] = None
+    top1_margin: Annotated[
+        float | None,
+        Field(
+            ge=0.0,
+            le=1e6,
+            description="an argmax that differs still agrees when expected[top-1] - expected[device's top-1] is "
+            "below this; null: argmaxes must match",
+        ),
+    ] = None
+
+    @property
+    def close_fraction(self) -> float:
+        """The least fraction of samples that must be close (`min_close`, else `top1_agreement`)."""
+        return self.top1_agreement if self.min_close is None else self.min_close
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in _OPTIONAL_TOLERANCES:
+                if data.get(key, 0.0) is None:
+                    del data[key]
+        return data
+
+
+_OPTIONAL_TOLERANCES = ("min_close", "top1_margin")
 
 
 class Manifest(Message):

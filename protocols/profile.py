@@ -13,14 +13,25 @@ other readers)::
     latency_budget_ms = 5.0
     threads = 4
     int8_dot_product = false
-    speed_factor = 6.0
     max_accuracy_drop = 0.01
     onnxruntime_version = "1.17"
     opset = 17
+
+    [profile.reference_ms]      # the device's times on the reference workload at `threads` threads
+    fp32_conv = 1.6             # (`edgefleet-agent speed-factor --threads 4` on one device prints this table)
+    fp32_matmul = 0.45
+    int8_conv = 1.9
+    int8_matmul = 0.55
+
+A device's speed is a fact about the device: `reference_ms` holds its times on the fixed reference workload
+(agent/workload/), and whoever predicts or simulates the device times the same workload on its own host and scales
+by device / host for the model's path (`device_over_host`). `speed_correction` is what the field taught since:
+observed p95 over predicted p95, kept by the recompression loop.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -30,10 +41,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgefleet.protocols.errors import ProfileError
 
-__all__ = ["DeviceProfile", "load_profile", "parse_profile", "read_profile_file"]
+__all__ = ["DeviceProfile", "ReferenceTimes", "load_profile", "parse_profile", "read_profile_file"]
 
 MAX_PROFILE_FILE_BYTES = 64 * 1024
 _NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+_Millis = Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False)]
+
+
+class ReferenceTimes(BaseModel):
+    """Median milliseconds of one run of each reference model (agent/workload/) on one CPU at some thread count."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fp32_conv: _Millis
+    fp32_matmul: _Millis
+    int8_conv: _Millis
+    int8_matmul: _Millis
+
+    def path(self, *, int8: bool) -> tuple[float, float]:
+        return (self.int8_conv, self.int8_matmul) if int8 else (self.fp32_conv, self.fp32_matmul)
 
 
 class DeviceProfile(BaseModel):
@@ -50,8 +78,13 @@ class DeviceProfile(BaseModel):
     int8_dot_product: Annotated[
         bool, Field(description="CPU has int8 dot-product instructions (x86 VNNI, ARM dotprod)")
     ]
-    speed_factor: Annotated[
-        float, Field(gt=0, le=1000, description="how many times slower than the compressing host")
+    reference_ms: Annotated[
+        ReferenceTimes,
+        Field(description="the device's times on the reference workload at `threads` threads (speed-factor)"),
+    ]
+    speed_correction: Annotated[
+        float,
+        Field(gt=0, le=1000, allow_inf_nan=False, description="field p95 / predicted p95, learned from telemetry"),
     ] = 1.0
     accuracy_floor: Annotated[float | None, Field(ge=0, le=1, description="absolute accuracy floor")] = None
     max_accuracy_drop: Annotated[
@@ -62,6 +95,16 @@ class DeviceProfile(BaseModel):
     block_size_bytes: Annotated[
         int, Field(ge=4096, le=131072, description="artifact block size for transfers to this class")
     ] = 32768
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_host_ratio(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "speed_factor" in data:
+            raise ValueError(
+                "speed_factor (a ratio to one host's CPU) is no longer read: time a device with "
+                "`edgefleet-agent speed-factor --threads N` and put the table it prints in [profile.reference_ms]"
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_accuracy_rule(self) -> Self:
@@ -77,6 +120,21 @@ class DeviceProfile(BaseModel):
         if self.max_accuracy_drop is not None:
             floors.append(fp32_accuracy - self.max_accuracy_drop)
         return max(floors)
+
+    def device_over_host(self, host: ReferenceTimes, *, int8: bool) -> float:
+        """How many times longer the device takes than `host` on the model path (fp32, or int8), before the field's
+        correction: the geometric mean of device / host over the path's two reference models.
+
+        Both sides are medians of the same models, the device at its `threads`, the host at whatever thread count it
+        was timed at (the planner and the simulator time one thread: a shared host's multi-threaded times measure
+        its neighbours more than the model).
+        """
+        pairs = zip(self.reference_ms.path(int8=int8), host.path(int8=int8), strict=True)
+        return math.exp(sum(math.log(device / host_ms) for device, host_ms in pairs) / 2)
+
+    def predict_ms(self, host_ms: float, host: ReferenceTimes, *, int8: bool) -> float:
+        """The device p95 of a model whose p95 on `host` is `host_ms`: host x device/host x the field's correction."""
+        return host_ms * self.device_over_host(host, int8=int8) * self.speed_correction
 
     def onnxruntime_tuple(self) -> tuple[int, ...]:
         return tuple(int(part) for part in re.findall(r"\d+", self.onnxruntime_version))

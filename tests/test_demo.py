@@ -222,8 +222,8 @@ def test_the_planted_artifact_swaps_labels_and_nothing_else(tmp_path: Path) -> N
 
 
 def test_the_recompression_takes_the_most_accurate_rung_predicted_to_fit() -> None:
-    # baseline 1.1 ms (of which 1 ms is the full model's compute at speed factor 5), now 2.5x slower, budget 2 ms
-    kw: dict[str, Any] = {"base_p95_ms": 1.1, "slowdown": 2.5, "speed_factor": 5.0, "current_host_ms": 0.2,
+    # baseline 1.1 ms (of which 1 ms is the full model's compute at device/host 5), now 2.5x slower, budget 2 ms
+    kw: dict[str, Any] = {"base_p95_ms": 1.1, "slowdown": 2.5, "device_over_host": 5.0, "current_host_ms": 0.2,
                           "budget_ms": 2.0}  # fmt: skip
     index, predicted = choose_rung(rung_host_ms=[0.2, 0.08, 0.03], **kw)
     assert predicted == pytest.approx([2.75, 1.25, 0.625])

@@ -40,7 +40,7 @@ from edgefleet.protocols.manifest import (
     block_digests,
 )
 from edgefleet.protocols.messages import Birth, JobEvent
-from edgefleet.protocols.profile import DeviceProfile
+from edgefleet.protocols.profile import DeviceProfile, ReferenceTimes
 from edgefleet.protocols.signing import generate_keypair, key_id, sign_manifest
 from edgefleet.protocols.telemetry import TelemetryBatch
 
@@ -54,6 +54,7 @@ PROFILE = DeviceProfile(
     onnxruntime_version="1.17",
     opset=17,
     block_size_bytes=4096,
+    reference_ms=ReferenceTimes(fp32_conv=1.0, fp32_matmul=1.0, int8_conv=1.0, int8_matmul=1.0),
 )
 FLEET = "testfleet"
 _ids = itertools.count()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,10 @@ from agentkit import FLEET, PROFILE, Fleet, build_manifest, tiny_model
 from edgefleet.agent.cli import main
 from edgefleet.agent.config import Faults
 from edgefleet.agent.replay import load_dataset
+from edgefleet.agent.runner import runtime_version
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
 from edgefleet.protocols.codes import ResultCode
+from edgefleet.protocols.profile import ReferenceTimes
 
 
 @pytest.mark.mqtt
@@ -59,19 +63,28 @@ def test_simulated_fleet_with_faults_ends_active_and_reports(fleet: Fleet, tmp_p
     sim.stop()
 
 
-def test_speed_factor_verb_prints_the_factor(tmp_path: Path, capsys: Any) -> None:
-    model = tmp_path / "m.onnx"
-    model.write_bytes(tiny_model(1))
-    assert main(["speed-factor", str(model), "--host-p95-ms", "0.001", "--runs", "20"]) == 0
+def test_speed_factor_verb_prints_the_profile_table(capsys: Any) -> None:
+    """What a device prints is a TOML table a profile takes as it is."""
+    assert main(["speed-factor", "--threads", "1", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "speed_factor = " in out
-    assert float(out.rsplit("=", 1)[1]) > 0
+    assert "[profile.reference_ms]" in out
+    table = tomllib.loads(out)["profile"]["reference_ms"]
+    assert ReferenceTimes.model_validate(table).fp32_conv > 0
+    assert main(["speed-factor", "--json", "--rounds", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["reference_ms"]) == set(ReferenceTimes.model_fields)
+    assert report["threads"] == 1
+    assert report["onnxruntime"] == runtime_version()
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: Any) -> None:
-    assert main(["speed-factor", str(tmp_path / "missing.onnx"), "--host-p95-ms", "1"]) == 1
+    assert main(["speed-factor", "--threads", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("edgefleet-agent speed-factor:")
+    assert "Traceback" not in err
+    assert main(["simulate", "--class", str(tmp_path / "missing.toml"), "--devices", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("edgefleet-agent simulate:")
     assert "Traceback" not in err
 
 
@@ -80,7 +93,8 @@ def test_simulate_verb_connects_and_summarises(tmp_path: Path, mqtt_broker: Any,
     profile = tmp_path / "box.toml"
     profile.write_text(
         '[profile]\nname = "box"\nstorage_budget_bytes = 1000000\nram_budget_bytes = 100000000\n'
-        "latency_budget_ms = 5.0\nthreads = 1\nint8_dot_product = false\n",
+        "latency_budget_ms = 5.0\nthreads = 1\nint8_dot_product = false\n"
+        "reference_ms = { fp32_conv = 1.0, fp32_matmul = 0.5, int8_conv = 1.0, int8_matmul = 0.5 }\n",
         encoding="utf-8",
     )
     args = ["simulate", "--devices", "5", "--class", str(profile), "--host", mqtt_broker.host]

@@ -48,7 +48,7 @@ from edgefleet.controller.rollout_plan import GateConfig, WavePlan
 from edgefleet.controller.rollouts import class_current_version
 from edgefleet.controller.store import ArtifactStore
 from edgefleet.controller.tables import AuditEntry, Recompression
-from edgefleet.protocols.profile import load_profile
+from edgefleet.protocols.profile import ReferenceTimes, load_profile
 from edgefleet.protocols.signing import key_id
 
 PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
@@ -64,8 +64,12 @@ ram_budget_bytes = 268_435_456
 latency_budget_ms = 5.0
 threads = 1
 int8_dot_product = false
-speed_factor = 2.0
 max_accuracy_drop = 0.5
+[profile.reference_ms]
+fp32_conv = 2.0
+fp32_matmul = 2.0
+int8_conv = 2.0
+int8_matmul = 2.0
 
 [policy]
 latency_windows = 2
@@ -131,7 +135,8 @@ class Fleet:
             artifact = self.catalog(db).add_from_onnx(
                 "m", class_name=request.class_name, onnx_path=self.light, metrics={"predicted_p95_ms": 0.5}
             )
-            return BuildResult(artifact.id or 0, {"recipe": "light", "speed_factor": request.profile.speed_factor})
+            correction = request.profile.speed_correction
+            return BuildResult(artifact.id or 0, {"recipe": "light", "speed_correction": correction})
 
         return build
 
@@ -165,6 +170,7 @@ def simulate(f: Fleet, tmp_path: Path, *, slow: float) -> tuple[FleetSimulator, 
         host=f.settings.mqtt_host, port=f.settings.mqtt_port, id_prefix=f.fleet,
         trusted_keys={key_id(public): public}, telemetry_window_s=0.1, probation_s=0.2, dataset=load_dataset(data),
         infer_fraction=1.0, infer_rate_hz=20.0, faults=Faults(slow_factor=slow), fault_devices=N,
+        host_reference=ReferenceTimes(fp32_conv=1.0, fp32_matmul=1.0, int8_conv=1.0, int8_matmul=1.0),  # devices 2x
     )  # fmt: skip
     sim = FleetSimulator(spec)
     stop = threading.Event()
@@ -219,7 +225,7 @@ def test_the_app_detects_slow_devices_by_itself_and_ends_on_the_new_artifact(fle
             rollout = Rollouts(app.db).get(done.rollout_id or 0)
             pytest.fail(f"{done.note}: {rollout.breach_json}")
         assert len(f.builds) == 1  # debounced: the slow windows went on while it built and rolled out
-        assert f.builds[0].profile.speed_factor > 2.0  # learned from the field before planning
+        assert f.builds[0].profile.speed_correction > 1.0  # learned from the field before planning
         assert wait_for(lambda: sim.summary().versions == {2: N}, 30), sim.summary()
         with app.db.reading() as session:
             assert class_current_version(session, "gw") == 2

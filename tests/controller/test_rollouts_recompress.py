@@ -90,7 +90,8 @@ class Loop:
         artifact = self.catalog.add_from_onnx(
             "tiny", class_name=request.class_name, onnx_path=self.onnx, metrics=metrics
         )
-        return BuildResult(artifact.id or 0, {"binding": "latency", "speed_factor": request.profile.speed_factor})
+        correction = request.profile.speed_correction
+        return BuildResult(artifact.id or 0, {"binding": "latency", "speed_correction": correction})
 
     def windows(self, n: int, *, latency: float, version: int = 1) -> None:
         """`n` one-minute telemetry windows ending now, every device at `latency`."""
@@ -142,7 +143,7 @@ def test_slow_devices_trigger_one_recompression_that_is_approved_and_rolled_out(
     assert (row.trigger, row.state) == ("latency", "pending")
     assert "over the 2 ms budget for 3 windows" in row.summary
     assert len(s.builds) == 1
-    assert s.builds[0].profile.speed_factor == 15.0  # 5 x field p95 3 ms (its bucket bound) / predicted 1 ms
+    assert s.builds[0].profile.speed_correction == 3.0  # field p95 3 ms (its bucket bound) / predicted 1 ms
     registry = CollectorRegistry()
     registry.register(RolloutCollector(s.db))
     assert registry.get_sample_value("edgefleet_recompression_pending", {"device_class": "rpi4", "model": "tiny"}) == 1
@@ -251,8 +252,8 @@ def test_the_planner_worker_builds_an_artifact_that_meets_the_updated_budget(set
     row = s.loop.get(rid)
     assert row.state == "rolling_out", row.note
     report = json.loads(row.report_json)
-    assert report["speed_factor"] == 15.0
-    assert report["predicted_p95_ms"] <= BUDGET_MS  # the class budget, at the field's speed factor
+    assert report["speed_correction"] == 3.0
+    assert report["predicted_p95_ms"] <= BUDGET_MS  # the class budget, at the speed the field showed
     assert report["version"] == 2
 
 

@@ -1,12 +1,20 @@
 """Validation samples for the controller's manifests: hostile .npz files, sample building, tolerances that devices
-pass (checked with the agent's own validation on other onnxruntime settings) and a round trip through a signed
-manifest. The end-to-end deploys with a real agent are in tests/agent/test_deploy_validation.py.
+pass (checked with the agent's own validation on other onnxruntime settings, on int8 graphs whose rounding is moved
+the way another CPU's kernels move it, and, where qemu is installed, on real AVX2 kernels without VNNI) while
+another model's samples or swapped labels fail, and a round trip through a signed manifest. The end-to-end deploys
+with a real agent are in tests/agent/test_deploy_validation.py; the device's rule itself in
+tests/agent/test_validate.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -15,7 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
 
 from edgefleet.agent.runner import ModelRunner
@@ -33,6 +41,8 @@ from edgefleet.controller.validation_set import (
     ValidationSet,
     build_validation,
     numeric_kind,
+    output_steps,
+    shifted,
 )
 from edgefleet.protocols.manifest import Manifest, TensorSpec, block_digests
 from edgefleet.protocols.profile import load_profile
@@ -41,14 +51,29 @@ from edgefleet.protocols.signing import key_id, public_key_of, verify_manifest
 RNG_SEED = 3
 
 
-def mlp(seed: int, *, features: int = 16, hidden: int = 32, classes: int = 10, softmax: bool = False) -> bytes:
-    """features -> hidden -> classes (MatMul/Add/Relu), inputs (batch, features)."""
+def mlp(
+    seed: int,
+    *,
+    features: int = 16,
+    hidden: int = 32,
+    classes: int = 10,
+    softmax: bool = False,
+    swap_labels: bool = False,
+) -> bytes:
+    """features -> hidden -> classes (MatMul/Add/Relu), inputs (batch, features); `swap_labels`: the same network
+    with its classes in reverse order (a model trained on relabelled data, or a mixed-up label map)."""
     rng = np.random.default_rng(seed)
+    w1 = (rng.normal(size=(features, hidden)) / np.sqrt(features)).astype(np.float32)
+    b1 = rng.normal(size=(hidden,)).astype(np.float32) * 0.1
+    w2 = (rng.normal(size=(hidden, classes)) * 2 / np.sqrt(hidden)).astype(np.float32)
+    b2 = rng.normal(size=(classes,)).astype(np.float32) * 0.1
+    if swap_labels:
+        w2, b2 = np.ascontiguousarray(w2[:, ::-1]), np.ascontiguousarray(b2[::-1])
     inits = [
-        numpy_helper.from_array((rng.normal(size=(features, hidden)) / np.sqrt(features)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.normal(size=(hidden,)).astype(np.float32) * 0.1, "b1"),
-        numpy_helper.from_array((rng.normal(size=(hidden, classes)) * 2 / np.sqrt(hidden)).astype(np.float32), "w2"),
-        numpy_helper.from_array(rng.normal(size=(classes,)).astype(np.float32) * 0.1, "b2"),
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(b1, "b1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(b2, "b2"),
     ]
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h0"]),
@@ -279,8 +304,47 @@ def test_numeric_kinds_and_their_tolerances(tmp_path: Path) -> None:
     _, t16 = build_validation(half, vset)
     _, t8 = build_validation(static, vset)
     assert t32.abs_tol < t16.abs_tol < t8.abs_tol
-    assert t32.rel_tol < t16.rel_tol < t8.rel_tol
+    assert t32.rel_tol < t16.rel_tol
     assert t8.top1_agreement < t16.top1_agreement < t32.top1_agreement == 1.0
+    # float manifests keep the rule (and the JSON) they had before min_close and top1_margin existed
+    assert (t32.min_close, t32.top1_margin, t16.min_close, t16.top1_margin) == (None, None, None, None)
+    assert "min_close" not in t32.model_dump(mode="json")
+    # int8: counted in steps of the output's grid, with a margin for near-ties and room for a kernel's outliers
+    assert t8.rel_tol == 0.0
+    assert t8.top1_margin == pytest.approx(2 * t8.abs_tol)
+    assert t8.min_close is not None
+    assert 0.5 <= t8.min_close < t8.top1_agreement
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_int8_tolerances_are_steps_of_the_output_grid_moved_through_the_layers(tmp_path: Path, softmax: bool) -> None:
+    """The output's grid comes from the graph; the tolerance is several steps of it, and covers how far the output
+    moves when every layer requantizes one step off (`shifted`), which it measured."""
+    model = int8(mlp(1, softmax=softmax), tmp_path, static=True, softmax=softmax)
+    graph = onnx.load_from_string(model)
+    steps = output_steps(graph)
+    assert list(steps) == ["y"]
+    step = steps["y"]
+    if softmax:
+        assert step == pytest.approx(1 / 255)  # probabilities in [0, 1] on an 8-bit grid
+    else:
+        assert 0.01 < step < 0.1  # logits of about +-5 on an 8-bit grid
+    samples, tol = build_validation(model, data())
+    assert 4 * step <= tol.abs_tol <= 32 * step
+    worst = 0.0
+    for steps_off in (1, -1):
+        moved = shifted(graph, steps_off)
+        assert moved is not None
+        session = ort.InferenceSession(moved.SerializeToString(), providers=["CPUExecutionProvider"])
+        for sample in samples:
+            got = session.run(None, {"x": to_array(sample.inputs["x"])})[0]
+            worst = max(worst, float(np.abs(got - to_array(sample.expected["y"])).max()))
+    assert step <= worst <= tol.abs_tol  # one step per layer moves the output by more than a step, and is covered
+    dynamic = onnx.load_from_string(int8(mlp(1), tmp_path, static=False))
+    assert output_steps(dynamic) == {}  # float Mul + Add after MatMulInteger: no grid in the graph
+    assert shifted(dynamic, 1) is None  # its activations are quantized at run time
+    _, tol_dynamic = build_validation(dynamic.SerializeToString(), data())
+    assert tol_dynamic.abs_tol > 0.0
 
 
 def test_a_half_precision_input_is_carried_as_float16() -> None:
@@ -302,28 +366,70 @@ def test_a_half_precision_input_is_carried_as_float16() -> None:
     assert tol.top1_agreement == 0.95  # fp16 tolerances
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8-static", "int8-dynamic", "int8-softmax"])
-def test_devices_on_other_onnxruntime_settings_pass_the_tolerances(tmp_path: Path, kind: str) -> None:
-    """The agent's own validation, on sessions unlike the controller's, passes; another model fails it."""
-    model = mlp(1, softmax=kind == "int8-softmax")
+KINDS = ["fp32", "int8-static", "int8-dynamic", "int8-softmax"]
+
+
+def model_of(kind: str, tmp_path: Path, seed: int = 1, *, swap_labels: bool = False) -> bytes:
+    softmax = kind == "int8-softmax"
+    model = mlp(seed, softmax=softmax, swap_labels=swap_labels)
     if kind.startswith("int8"):
-        model = int8(model, tmp_path, static=kind != "int8-dynamic", softmax=kind == "int8-softmax")
+        model = int8(model, tmp_path, static=kind != "int8-dynamic", softmax=softmax)
+    return model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_devices_on_other_onnxruntime_settings_pass_the_tolerances(tmp_path: Path, kind: str) -> None:
+    """The agent's own validation, on sessions unlike the controller's, passes; another model's samples and the
+    same model with its labels swapped fail it."""
+    model = model_of(kind, tmp_path)
     path = tmp_path / "model.onnx"
     path.write_bytes(model)
     manifest = manifest_with(model, data())
     for threads, optimize in [(1, True), (2, True), (1, False), (3, False)]:
         outcome = validate_model(runner(path, threads=threads, optimize=optimize), manifest, latency_budget_ms=None)
         assert outcome.ok, (threads, optimize, outcome.detail)
-        assert outcome.close == 1.0
-    impostor = mlp(2, softmax=kind == "int8-softmax")
+    impostor = model_of(kind, tmp_path, seed=2)
     wrong = manifest_with(model, data(), samples_of=impostor)
     outcome = validate_model(runner(path, threads=1, optimize=True), wrong, latency_budget_ms=None)
     assert not outcome.ok, outcome.detail
+    swapped = tmp_path / "swapped.onnx"
+    swapped.write_bytes(model_of(kind, tmp_path, swap_labels=True))
+    for threads, optimize in [(1, True), (1, False)]:
+        outcome = validate_model(runner(swapped, threads=threads, optimize=optimize), manifest, latency_budget_ms=None)
+        assert not outcome.ok, (threads, optimize, outcome.detail)
+        assert outcome.agreement < 0.5
 
 
-def test_int8_tolerances_cover_a_quantization_step_per_layer(tmp_path: Path) -> None:
-    """Another CPU's int8 kernels round differently: emulate it by moving every activation's quantization grid."""
-    model = int8(mlp(1), tmp_path, static=True)
+def off_by_one_step(model: bytes, seed: int) -> bytes:
+    """Every activation quantization (input, hidden layers, output) rounds one step up, one step down or not at
+    all, at random per channel, as kernels that requantize differently do (the readers keep the old grid)."""
+    graph = shape_inference.infer_shapes(onnx.load_from_string(model))
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in [*graph.graph.value_info, *graph.graph.input]}
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    rng = np.random.default_rng(seed)
+    for node in graph.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+            continue
+        dims = shapes[node.input[0]]
+        scale, zero = inits[node.input[1]], inits[node.input[2]]
+        noise = rng.integers(-1, 2, dims[-1].dim_value)
+        info = np.iinfo(zero.dtype)
+        moved = np.clip(zero.astype(np.int64) + noise, info.min, info.max).astype(zero.dtype)
+        name = node.output[0]
+        graph.graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.full(len(noise), scale, np.float32), f"{name}_scale_per_channel"),
+                numpy_helper.from_array(moved, f"{name}_zero_point_per_channel"),
+            ]
+        )
+        node.input[1], node.input[2] = f"{name}_scale_per_channel", f"{name}_zero_point_per_channel"
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("axis", len(dims) - 1))
+    return graph.SerializeToString()
+
+
+def grid_moved(model: bytes, factor: float) -> bytes:
+    """Every activation's quantization grid scaled by `factor` (1 + 1/254 moves the top of the range half a step)."""
     graph = onnx.load_from_string(model)
     weights = {n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"} & {
         i.name for i in graph.graph.initializer
@@ -332,13 +438,113 @@ def test_int8_tolerances_cover_a_quantization_step_per_layer(tmp_path: Path) -> 
     assert scales, "the static int8 model quantizes its activations"
     for init in graph.graph.initializer:
         if init.name in scales:
-            moved = numpy_helper.to_array(init) * np.float32(1.0 + 1.0 / 254)  # half a step at the top of the range
+            moved = numpy_helper.to_array(init) * np.float32(factor)
             init.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), init.name))
-    shifted = tmp_path / "shifted.onnx"
-    onnx.save(graph, str(shifted))
+    return graph.SerializeToString()
+
+
+@pytest.mark.parametrize("kind", ["int8-static", "int8-softmax"])
+def test_int8_tolerances_cover_another_cpus_rounding_in_every_layer(tmp_path: Path, kind: str) -> None:
+    """Another CPU's int8 kernels round each layer differently: emulate it by moving every activation's grid, by
+    rounding each channel of every layer a step off at random, and by moving every expected output a step; a
+    correct artifact passes all of them, on the fused kernels and on the float fake-quant path."""
+    model = model_of(kind, tmp_path)
     manifest = manifest_with(model, data())
-    outcome = validate_model(runner(shifted, threads=1, optimize=True), manifest, latency_budget_ms=None)
+    variants = {
+        **{f"grid x{f:.4f}": grid_moved(model, f) for f in (1 + 1 / 254, 1 - 1 / 254, 1 + 2 / 254)},
+        **{f"off by one, seed {seed}": off_by_one_step(model, seed) for seed in range(4)},
+    }
+    for name, variant in variants.items():
+        path = tmp_path / "variant.onnx"
+        path.write_bytes(variant)
+        for optimize in (True, False):
+            outcome = validate_model(runner(path, threads=1, optimize=optimize), manifest, latency_budget_ms=None)
+            assert outcome.ok, (name, optimize, outcome.detail)
+    step = output_steps(onnx.load_from_string(model))["y"]
+    rng = np.random.default_rng(5)
+    noisy = []
+    for sample in manifest.validation_samples:
+        want = to_array(sample.expected["y"])
+        moved = (want + step * rng.choice([-1.0, 1.0], size=want.shape)).astype(want.dtype)
+        noisy.append(sample.model_copy(update={"expected": {"y": vs_module._tensor(moved)}}))
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model)
+    noisy_manifest = manifest.model_copy(update={"validation_samples": tuple(noisy)})
+    # the float fake-quant path computes what the controller's exact kernels did on every CPU, so here every
+    # sample is close: the only difference is the step of noise (the fused kernels of an AVX2 CPU would add theirs)
+    outcome = validate_model(runner(path, threads=1, optimize=False), noisy_manifest, latency_budget_ms=None)
     assert outcome.ok, outcome.detail
+    assert outcome.close == 1.0
+    outcome = validate_model(runner(path, threads=1, optimize=True), noisy_manifest, latency_budget_ms=None)
+    assert outcome.ok, outcome.detail
+
+
+_QEMU = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+_UNDER_QEMU = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import onnxruntime as ort
+from edgefleet.agent.runner import ModelRunner
+from edgefleet.agent.validate import to_array, validate_model
+from edgefleet.protocols.manifest import Manifest
+folder = Path(sys.argv[1])
+report = {}
+for case in json.loads((folder / "cases.json").read_text()):
+    manifest = Manifest.model_validate_json((folder / case["manifest"]).read_text())
+    path = folder / case["model"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    outcome = validate_model(ModelRunner(path, threads=1, session=session), manifest, latency_budget_ms=None)
+    x = np.load(folder / "x.npy")
+    fast = np.concatenate([session.run(None, {"x": x[i : i + 1]})[0] for i in range(len(x))])
+    report[case["name"]] = {"ok": outcome.ok, "detail": outcome.detail, "close": outcome.close, "fast": fast.tolist()}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(_QEMU is None, reason="qemu-x86_64-static is not installed (apt-get install qemu-user-static)")
+@pytest.mark.skipif(platform.machine() not in {"x86_64", "AMD64"}, reason="the venv's python must be x86-64")
+def test_real_avx2_kernels_without_vnni_pass_a_correct_artifact(tmp_path: Path) -> None:
+    """onnxruntime under `qemu-x86_64 -cpu Haswell` (AVX2, no AVX-512, no VNNI) picks the u8s8 kernels that sum
+    products in pairs into int16 and saturate for 8-bit weights: the outputs of some samples move by tens of steps.
+    The manifests built on this host still pass there, and swapped labels still fail."""
+    assert _QEMU is not None
+    vset = data()
+    cases = []
+    for kind in ("int8-static", "int8-softmax"):
+        model = model_of(kind, tmp_path)
+        (tmp_path / f"{kind}.onnx").write_bytes(model)
+        (tmp_path / f"{kind}-swapped.onnx").write_bytes(model_of(kind, tmp_path, swap_labels=True))
+        (tmp_path / f"{kind}.json").write_text(manifest_with(model, vset).model_dump_json())
+        cases += [
+            {"name": kind, "model": f"{kind}.onnx", "manifest": f"{kind}.json"},
+            {"name": f"{kind}-swapped", "model": f"{kind}-swapped.onnx", "manifest": f"{kind}.json"},
+        ]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    np.save(tmp_path / "x.npy", vset.inputs[:100])
+    command = [_QEMU, "-cpu", "Haswell", sys.executable, "-c", _UNDER_QEMU, str(tmp_path)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.skip("onnxruntime under qemu took over 120 s")
+    if done.returncode != 0:
+        pytest.skip(f"onnxruntime does not run under qemu here: {done.stderr.strip().splitlines()[-1:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    moved = []
+    for kind in ("int8-static", "int8-softmax"):
+        session = ort.InferenceSession(tmp_path / f"{kind}.onnx", providers=["CPUExecutionProvider"])
+        x = vset.inputs[:100]
+        here = np.concatenate([session.run(None, {"x": x[i : i + 1]})[0] for i in range(len(x))])
+        step = output_steps(onnx.load(tmp_path / f"{kind}.onnx"))["y"]
+        moved.append(float(np.abs(np.asarray(report[kind]["fast"]) - here).max() / step))
+    if max(moved) <= 1.0:
+        pytest.skip(f"qemu's CPU gave the same int8 outputs as this one (at most {max(moved):.1f} steps apart)")
+    for kind in ("int8-static", "int8-softmax"):
+        assert report[kind]["ok"], (kind, report[kind]["detail"], moved)
+        assert not report[f"{kind}-swapped"]["ok"], report[f"{kind}-swapped"]["detail"]
 
 
 # --- through the catalog: signed manifests -----------------------------------------------------------------------

@@ -21,8 +21,12 @@ ram_budget_bytes = 1_000_000_000
 latency_budget_ms = 50.0
 threads = 1
 int8_dot_product = true
-speed_factor = 2.0
 max_accuracy_drop = 0.05
+[profile.reference_ms]
+fp32_conv = 2.0
+fp32_matmul = 2.0
+int8_conv = 2.0
+int8_matmul = 2.0
 """
 
 
@@ -87,7 +91,7 @@ def test_impossible_profile_reports_the_closest_candidate(inputs: tuple[Path, Pa
     ("broken", "field"),
     [
         (PROFILE.format(storage=1000).replace("threads = 1\n", ""), "threads"),
-        (PROFILE.format(storage=1000).replace("speed_factor = 2.0", 'speed_factor = "fast"'), "speed_factor"),
+        (PROFILE.format(storage=1000).replace("fp32_conv = 2.0", 'fp32_conv = "fast"'), "fp32_conv"),
         (PROFILE.format(storage=-5), "storage_budget_bytes"),
     ],
 )

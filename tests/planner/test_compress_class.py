@@ -19,8 +19,12 @@ ram_budget_bytes = 1_000_000_000
 latency_budget_ms = 50.0
 threads = 1
 int8_dot_product = true
-speed_factor = 2.0
 max_accuracy_drop = 0.05
+[profile.reference_ms]
+fp32_conv = 2.0
+fp32_matmul = 2.0
+int8_conv = 2.0
+int8_matmul = 2.0
 """
 
 

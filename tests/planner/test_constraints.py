@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from plankit import Tiny, make_profile
+from plankit import HOST, Tiny, make_profile
 
 from edgefleet.compression.measure import Measurement
 from edgefleet.compression.plan_compat import effective_opset, incompatibilities, runtime_limits
@@ -16,9 +16,10 @@ from edgefleet.compression.plan_constraints import (
     wilson_lower,
     z_score,
 )
-from edgefleet.compression.plan_models import Constraint
+from edgefleet.compression.plan_models import Constraint, ConstraintCheck
 from edgefleet.compression.plan_search import chain_templates
 from edgefleet.compression.recipe import PassKind
+from edgefleet.protocols.profile import DeviceProfile
 
 Z95 = z_score(0.95)
 
@@ -77,11 +78,9 @@ def test_absolute_floor_uses_the_wilson_lower_bound() -> None:
 
 
 def test_analysis_names_violated_constraints_needs_and_remedies() -> None:
-    profile = make_profile(
-        storage_budget_bytes=100_000, latency_budget_ms=1.0, speed_factor=4.0, int8_dot_product=False
-    )
+    profile = make_profile(storage_budget_bytes=100_000, latency_budget_ms=1.0, int8_dot_product=False)
     m = fp32_measurement()
-    checks = check_resources(m, 0.5 * 4.0, profile)
+    checks = check_resources(m, 0.5 * 4.0, profile, HOST, int8=False)
     analysis = analyse(checks, m, profile, export_opset=17, n_val=360, z=Z95)
     assert set(analysis.violated) == {Constraint.STORAGE, Constraint.LATENCY}
     assert analysis.needs[Constraint.STORAGE] == pytest.approx(4.0)
@@ -92,17 +91,25 @@ def test_analysis_names_violated_constraints_needs_and_remedies() -> None:
     assert any("no int8 dot-product" in note for note in analysis.notes)
 
 
+def _checks(m: Measurement, profile: DeviceProfile) -> list[ConstraintCheck]:
+    return check_resources(m, 1.0, profile, HOST, int8=False)
+
+
 def test_int8_addresses_latency_only_with_dot_product() -> None:
     profile = make_profile(latency_budget_ms=0.1, int8_dot_product=True)
     m = fp32_measurement()
-    analysis = analyse(check_resources(m, 1.0, profile), m, profile, export_opset=17, n_val=360, z=Z95)
+    analysis = analyse(
+        check_resources(m, 1.0, profile, HOST, int8=False), m, profile, export_opset=17, n_val=360, z=Z95
+    )
     assert PassKind.QUANTIZE_STATIC in analysis.remedies[Constraint.LATENCY]
 
 
 def test_ram_the_runtime_alone_exceeds_is_reported_as_unreachable() -> None:
     profile = make_profile(ram_budget_bytes=10_000_000)
     m = fp32_measurement()
-    analysis = analyse(check_resources(m, 1.0, profile), m, profile, export_opset=17, n_val=360, z=Z95)
+    analysis = analyse(
+        check_resources(m, 1.0, profile, HOST, int8=False), m, profile, export_opset=17, n_val=360, z=Z95
+    )
     assert Constraint.RAM in analysis.violated
     assert any("runtime alone" in note for note in analysis.notes)
 
@@ -110,7 +117,7 @@ def test_ram_the_runtime_alone_exceeds_is_reported_as_unreachable() -> None:
 def test_a_small_held_out_set_that_cannot_certify_the_drop_is_said() -> None:
     profile = make_profile(max_accuracy_drop=0.005)
     m = fp32_measurement()
-    analysis = analyse(check_resources(m, 1.0, profile), m, profile, export_opset=17, n_val=60, z=Z95)
+    analysis = analyse(_checks(m, profile), m, profile, export_opset=17, n_val=60, z=Z95)
     assert any("cannot certify" in note for note in analysis.notes)
 
 

@@ -41,6 +41,7 @@ from edgefleet.protocols import (
     verify_block,
     verify_manifest,
 )
+from edgefleet.protocols.profile import ReferenceTimes
 
 
 def _verify(samples: Any, signed: SignedManifest, **options: Any) -> Manifest:
@@ -215,6 +216,7 @@ def test_compatibility(samples: Any) -> None:
         latency_budget_ms=5.0,
         threads=4,
         int8_dot_product=True,
+        reference_ms=ReferenceTimes(fp32_conv=0.2, fp32_matmul=0.1, int8_conv=0.1, int8_matmul=0.05),
     )
     with pytest.raises(IncompatibleError, match="device class rpi4, not jetson"):
         check_compatible(manifest, profile)

@@ -23,6 +23,7 @@ from _report import write_section
 
 from edgefleet.compression import QuantizeStaticConfig, Recipe
 from edgefleet.compression.examples import train_example
+from edgefleet.compression.host_speed import host_reference
 from edgefleet.compression.plan_cache import PlanCache
 from edgefleet.compression.plan_models import Candidate, PlanResult
 from edgefleet.compression.planner import judge_recipe, plan
@@ -104,10 +105,9 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f} (other jobs share this 2-core machine). "
         "Each profile planned with a cold cache (`plan(model, task, profile)`, default `PlanOptions`: rungs of 1 and 3 "
         "fine-tune epochs, eta 3, 95% confidence on accuracy); static int8 alone and fp32 judged the same way. "
-        "Predicted device p95 = host p95 at 1 thread x the profile's speed factor (int8 without dot-product: "
-        "its float parent x 1.2). Accuracy is on the held-out split; training time of the examples is not included.\n\n"
-        + "\n".join(lines)
-        + f"\n\n{verdict}\n"
+        "Predicted device p95 = host p95 at 1 thread x device/host on the reference workload for the candidate's "
+        f"path (fp32 or int8; this host's reference at 1 thread: {host_reference()}). Accuracy is on the held-out "
+        "split; training time of the examples is not included.\n\n" + "\n".join(lines) + f"\n\n{verdict}\n"
     )
     print(verdict)
     if not args.no_write:

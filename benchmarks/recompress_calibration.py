@@ -151,11 +151,11 @@ def main() -> None:
         path = args.out / f"m{i}.onnx"
         path.write_bytes(data)
         paths[label] = str(path)
-    host = host_reference()
-    print(f"host reference (1 thread): {host}", flush=True)
+    host_ref = host_reference()
+    print(f"host reference (1 thread): {host_ref}", flush=True)
 
-    def ratio(name: str, label: str) -> float:
-        return profiles[name].predict_ms(1.0, host, int8=is_int8_model(Path(paths[label])))
+    def dev_over_host(name: str, label: str) -> float:
+        return profiles[name].predict_ms(1.0, host_ref, int8=is_int8_model(Path(paths[label])))
 
     field = field_p95(list(paths.values()), seconds=args.seconds)
     rows = []
@@ -173,8 +173,8 @@ def main() -> None:
     lines += [
         "",
         "Simulated field p95 = field host p95 x device/host for the model's path (x 2.5 on the planted slow devices),",
-        "judged like the",
-        "trigger and the gates: by the upper bound of its telemetry bucket against the budget; the margin is",
+        "judged like the trigger and the gates: by the upper bound of its telemetry bucket against the budget;",
+        "the margin is",
         "budget / p95 (within) or p95 / budget (over). The recompressed model is the rung the demo's builder",
         f"(`choose_rung`, fit margin {FIT_MARGIN:g}) picks at 2.5x from the full-width student's field p95.",
         "",
@@ -189,8 +189,8 @@ def main() -> None:
     chosen: dict[str, str] = {}
     for name in CLASSES:
         p = profiles[name]
-        sf, budget = ratio(name, rungs[0]), p.latency_budget_ms
-        pick = field_of[picks[name]] * ratio(name, picks[name])
+        sf, budget = dev_over_host(name, rungs[0]), p.latency_budget_ms
+        pick = field_of[picks[name]] * dev_over_host(name, picks[name])
         index, _ = choose_rung(
             base_p95_ms=full * sf, slowdown=SLOW, device_over_host=sf, current_host_ms=host_of_width[widths[0]],
             rung_host_ms=[host_of_width[w] for w in widths], budget_ms=budget,
@@ -215,7 +215,7 @@ def main() -> None:
     observed: dict[str, float] = {}
     for name in CLASSES:
         for label in (picks[name], rungs[0]):
-            sf = ratio(name, label)
+            sf = dev_over_host(name, label)
             want = predicted.get(label, models[label][1] * sf)
             got = field_of[label] * sf
             ratio, slow = _bound(got) / want, _bound(got * SLOW) / want
@@ -227,7 +227,7 @@ def main() -> None:
         "picks": picks,
         "chosen_rung": chosen,
         "field_over_predicted": observed,
-        "host": host.model_dump(),
+        "host": host_ref.model_dump(),
     }
     (args.out / "calibration.json").write_text(json.dumps(summary, indent=2))
     body = "\n".join(lines)

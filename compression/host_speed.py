@@ -5,7 +5,9 @@ device and host are times on the same fixed reference workload (agent/workload/)
 the very code a device runs (`edgefleet-agent speed-factor --threads 1 --json`), in a subprocess: the same
 measurement on both sides, no torch threads or planner memory in the way, and compression imports nothing of the
 agent's. The result is cached per host (CPU model and instruction-set flags, onnxruntime version, the workload's
-digest) under `$XDG_CACHE_HOME/edgefleet/host-reference`, so a plan pays the few seconds once per machine.
+digest) under `$XDG_CACHE_HOME/edgefleet/host-reference` for `max_age_s` (10 minutes): plans in a row share one
+measurement, while a plan later on times the host again, in the load it then has, as its candidates are timed (a
+busy host is slower on both, and the ratio is the device's).
 
     host = host_reference()                       # ReferenceTimes, milliseconds at one thread
     profile.predict_ms(0.25, host, int8=False)    # the device p95 of a model taking 0.25 ms here
@@ -21,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -31,8 +34,6 @@ from edgefleet.protocols.profile import ReferenceTimes
 __all__ = ["HostSpeedError", "default_host_cache", "host_key", "host_reference"]
 
 log = logging.getLogger(__name__)
-
-_MEMO: dict[str, ReferenceTimes] = {}
 
 
 class HostSpeedError(CompressionError):
@@ -89,29 +90,37 @@ def _measure(threads: int, timeout_s: float) -> ReferenceTimes:
 
 
 def host_reference(
-    *, threads: int = 1, cache_dir: Path | None = None, refresh: bool = False, timeout_s: float = 120.0
+    *,
+    threads: int = 1,
+    cache_dir: Path | None = None,
+    refresh: bool = False,
+    timeout_s: float = 120.0,
+    max_age_s: float = 600.0,
 ) -> ReferenceTimes:
-    """This host's reference times at `threads` threads: from the cache, else measured (and then cached)."""
-    key = host_key(threads)
-    if not refresh and key in _MEMO:
-        return _MEMO[key]
-    path = (cache_dir or default_host_cache()) / f"{key}.json"
+    """This host's reference times at `threads` threads: from the cache when fresh, else measured (then cached)."""
+    path = (cache_dir or default_host_cache()) / f"{host_key(threads)}.json"
     if not refresh:
         try:
-            times = ReferenceTimes.model_validate_json(path.read_bytes())
+            if time.time() - path.stat().st_mtime <= max_age_s:
+                return ReferenceTimes.model_validate_json(path.read_bytes())
         except (OSError, ValidationError):
-            pass
-        else:
-            _MEMO[key] = times
-            return times
+            pass  # missing, unreadable or broken: measure again and replace it
     times = _measure(threads, timeout_s)
     log.info("reference workload on this host at %d thread(s): %s", threads, times)
+    _write_cache(path, times)
+    return times
+
+
+def _write_cache(path: Path, times: ReferenceTimes) -> None:
+    """Atomically (a temporary file renamed over it); a read-only or full cache costs a re-measure, nothing else."""
+    tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+            tmp = Path(handle.name)
             handle.write(times.model_dump_json())
-        Path(handle.name).replace(path)
-    except OSError as exc:  # a read-only or full cache costs a re-measure next time, nothing else
+        tmp.replace(path)
+    except OSError as exc:
         log.warning("cannot cache the host's reference times in %s: %s", path.parent, exc)
-    _MEMO[key] = times
-    return times
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -25,6 +25,10 @@ from edgefleet.protocols.profile import DeviceProfile, load_profile
 __all__ = ["build_parser", "main"]
 
 PROFILE_DIRS_ENV = "EDGEFLEET_PROFILES"
+# The same defaults as the controller's (controller/config.py): a device and `edgefleet serve` meet without options.
+DEFAULT_FLEET = "default"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 1883
 
 
 def resolve_profile(value: str) -> DeviceProfile:
@@ -45,12 +49,15 @@ def resolve_profile(value: str) -> DeviceProfile:
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="MQTT broker host")
-    p.add_argument("--port", type=int, default=1883, help="MQTT broker port")
+    p.add_argument("--host", help=f"MQTT broker host (default: the credentials file's, else {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, help=f"MQTT broker port (default: the credentials file's, else {DEFAULT_PORT})")
     p.add_argument("--tls-ca", type=Path, help="CA file (PEM) the broker's certificate must chain to: connect over TLS")
     p.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for a broker that requires one")
     p.add_argument("--tls-key", type=Path, help="the client certificate's private key (PEM; default: in --tls-cert)")
-    p.add_argument("--fleet", default="demo", help="fleet id (topic root)")
+    p.add_argument(
+        "--fleet",
+        help=f"fleet id, the topic root (default: the credentials file's, else {DEFAULT_FLEET!r}, as the controller's)",
+    )
     p.add_argument("--class", dest="device_class", required=True, help="device class: profile name or .toml path")
     p.add_argument("--trusted-key", action="append", default=[], help="controller public key (PEM file or hex)")
     p.add_argument("--telemetry-window", type=float, default=10.0, help="seconds per telemetry window")
@@ -81,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--data-dir", type=Path, default=Path("sim-data"), help="one sub-directory per device")
     sim.add_argument("--id-prefix", help="device ids are PREFIX-00000... (default: the class name)")
     sim.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
-    sim.add_argument("--infer-fraction", type=float, default=0.1, help="share of devices that run inference")
+    sim.add_argument(
+        "--infer-fraction",
+        type=float,
+        default=1.0,
+        help="share of devices that run inference (default: all; rollout gates need their samples)",
+    )
+    sim.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines (0: none)")
     sim.add_argument("--connect-rate", type=float, default=1000.0, help="new connections per second")
     sim.add_argument("--fault-devices", type=int, default=0, help="inject the faults below into the first K devices")
     sim.add_argument("--drop-at", type=float, help="drop the connection at this fraction of a download")
@@ -122,12 +135,12 @@ def _run(args: argparse.Namespace) -> int:
     password = args.password_file.read_text(encoding="utf-8").strip() if args.password_file else None
     profile = resolve_profile(args.device_class)
     config = AgentConfig(
-        fleet=args.fleet,
+        fleet=args.fleet or DEFAULT_FLEET,
         device_id=args.device,
         profile=profile,
         data_dir=args.data_dir,
-        host=args.host,
-        port=args.port,
+        host=args.host or DEFAULT_HOST,
+        port=args.port or DEFAULT_PORT,
         password=password,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
@@ -171,7 +184,7 @@ def _raise_nofile(wanted: int) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from edgefleet.agent.credentials import read_credentials
+    from edgefleet.agent.credentials import connection_of, read_credentials
     from edgefleet.agent.replay import load_dataset
     from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
     from edgefleet.agent.trust import load_trusted_keys
@@ -184,15 +197,16 @@ def _simulate(args: argparse.Namespace) -> int:
     if credentials and devices > len(credentials):
         raise AgentError(f"--devices {devices} but {args.credentials} holds {len(credentials)} for this class")
     _raise_nofile(devices + 256)
+    fleet, host, port = connection_of(credentials, source=args.credentials) if credentials else (None, None, None)
     spec = SimulatorSpec(
         devices=devices,
         device_ids=tuple(c.device_id for c in credentials[:devices]),
         passwords={c.device_id: c.password for c in credentials[:devices]},
         profile=profile,
         data_root=args.data_dir,
-        fleet=args.fleet,
-        host=args.host,
-        port=args.port,
+        fleet=args.fleet or fleet or DEFAULT_FLEET,
+        host=args.host or host or DEFAULT_HOST,
+        port=args.port or port or DEFAULT_PORT,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -211,8 +225,22 @@ def _simulate(args: argparse.Namespace) -> int:
             slow_factor=args.slow,
         ),
     )
+    if not 0 <= args.progress_every <= 86400:
+        raise AgentError("--progress-every must be 0..86400 seconds")
     sim = FleetSimulator(spec)
+    log = logging.getLogger("edgefleet.agent.simulate")
+    log.info(
+        "simulating %d %s device(s) of fleet %s on %s:%d (%d inferring)",
+        devices, profile.name, spec.fleet, spec.host, spec.port, round(devices * spec.infer_fraction),
+    )  # fmt: skip
     sim.start()
+
+    def progress() -> None:
+        log.info("%s", sim.summary())  # one line per interval, whatever the fleet size
+        sim.reactor.call_later(args.progress_every, progress)
+
+    if args.progress_every > 0:
+        sim.reactor.call_later(args.progress_every, progress)
     with _stop_on_signals(sim.reactor.stop):
         sim.run(duration=args.duration)
     print(sim.summary())  # noqa: T201

@@ -2,7 +2,8 @@
 
 The simulator uses it so that simulated devices log in with their own passwords and the broker's per-device ACLs
 apply to them, as they would to real devices. Columns: device_id, username, password, fleet, class, mqtt_host,
-mqtt_port (only the first three are required; `class` filters rows when given).
+mqtt_port (only the first three are required; `class` filters rows when given). Where the file names the fleet,
+broker host and port, `edgefleet-agent simulate` connects there unless told otherwise (`connection_of`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from edgefleet.agent.errors import AgentError
 
-__all__ = ["DeviceCredential", "read_credentials"]
+__all__ = ["DeviceCredential", "connection_of", "read_credentials"]
 
 MAX_CREDENTIALS_BYTES = 16 * 1024 * 1024
 REQUIRED = ("device_id", "username", "password")
@@ -26,6 +27,9 @@ class DeviceCredential:
     username: str
     password: str
     device_class: str | None
+    fleet: str | None = None
+    mqtt_host: str | None = None
+    mqtt_port: int | None = None
 
 
 def read_credentials(path: Path, *, device_class: str | None = None) -> list[DeviceCredential]:
@@ -52,7 +56,37 @@ def read_credentials(path: Path, *, device_class: str | None = None) -> list[Dev
         cls = (row.get("class") or "").strip() or None
         if device_class is not None and cls is not None and cls != device_class:
             continue
-        found.append(DeviceCredential(values["device_id"], values["username"], values["password"], cls))
+        port_text = (row.get("mqtt_port") or "").strip()
+        if port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
+            raise AgentError(f"{path}:{number}: mqtt_port {port_text[:20]!r} is not a port number")
+        found.append(
+            DeviceCredential(
+                values["device_id"],
+                values["username"],
+                values["password"],
+                cls,
+                fleet=(row.get("fleet") or "").strip() or None,
+                mqtt_host=(row.get("mqtt_host") or "").strip() or None,
+                mqtt_port=int(port_text) if port_text else None,
+            )
+        )
     if not found:
         raise AgentError(f"{path}: no credentials" + (f" for class {device_class}" if device_class else ""))
     return found
+
+
+def connection_of(credentials: list[DeviceCredential], *, source: Path) -> tuple[str | None, str | None, int | None]:
+    """The (fleet, host, port) the rows agree on (None where no row names one); rows that disagree are an error."""
+    found: list[str | int | None] = []
+    for name in ("fleet", "mqtt_host", "mqtt_port"):
+        values = {getattr(c, name) for c in credentials} - {None}
+        if len(values) > 1:
+            shown = ", ".join(sorted(str(v) for v in values)[:4])
+            raise AgentError(f"{source}: rows name different {name} values ({shown}); give --{name.split('_')[-1]}")
+        found.append(values.pop() if values else None)
+    fleet, host, port = found
+    return (
+        fleet if isinstance(fleet, str) else None,
+        host if isinstance(host, str) else None,
+        port if isinstance(port, int) else None,
+    )

@@ -46,7 +46,7 @@ class SimulatorSpec:
     devices: int
     profile: DeviceProfile
     data_root: Path
-    fleet: str = "demo"
+    fleet: str = "default"
     host: str = "127.0.0.1"
     port: int = 1883
     # TLS to the broker (see AgentConfig); one SSL context is shared by every simulated device

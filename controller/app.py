@@ -233,20 +233,28 @@ class ControllerApp:
         if self.blocks is not None:
             self.blocks.start()
         try:
+            if metrics_server:  # first: a port taken by another process must fail before anything touches MQTT
+                self._http = self._metrics_server()
             self.mqtt.connect(timeout=connect_timeout)
             if self.rollouts is not None:
                 self.rollouts.start()
             if self._recompress_runner is not None:
                 self._recompress_runner.start()
-            if metrics_server:
-                self._http = start_http_server(
-                    self.settings.metrics_port, addr=self.settings.metrics_host, registry=self.registry
-                )
         except BaseException:
             self.stop()
             raise
         log.info("controller serving fleet %s", self.settings.fleet)
         log.info("%s", self.recompression_status())
+
+    def _metrics_server(self) -> Any:
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        try:
+            return start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ControllerError(
+                f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): another process holds the port; "
+                "stop it or choose another with --metrics-port"
+            ) from exc
 
     def recompression_status(self) -> str:
         """The startup line: whether the recompression loop runs, how often, and which class policies it watches."""

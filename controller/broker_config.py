@@ -9,6 +9,10 @@
 - with the `broker_tls_*` settings the listener speaks TLS only (`cafile`/`certfile`/`keyfile`, TLS 1.2+,
   `require_certificate` when `broker_tls_require_certificate`); passwords and ACLs apply as before.
 
+`broker run` records its mosquitto's pid in `<home>/broker/mosquitto.pid`; `device register` then rewrites the
+password file and ACL and sends that process SIGHUP (`reload_running_broker`), so devices registered after the broker
+started can connect at once (mosquitto reads both files at start and on SIGHUP only).
+
 Example::
 
     files = write_broker_config(settings, registry.broker_accounts())
@@ -18,6 +22,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,7 +34,15 @@ from edgefleet.controller.keys import write_private_file
 from edgefleet.controller.mosquitto import ManagedMosquitto, TlsListener
 from edgefleet.protocols.topics import controller_acl_patterns, device_acl_patterns
 
-__all__ = ["BrokerFiles", "controller_secret", "managed_broker", "write_broker_config"]
+__all__ = [
+    "BrokerFiles",
+    "controller_secret",
+    "forget_broker_pid",
+    "managed_broker",
+    "record_broker_pid",
+    "reload_running_broker",
+    "write_broker_config",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,3 +114,43 @@ def write_broker_config(settings: Settings, accounts: Iterable[tuple[str, str]])
             f"cannot write the broker config under {settings.broker_dir} ({exc.strerror or exc})"
         ) from exc
     return BrokerFiles(config=config, password_file=passwd, acl_file=acl, devices=count)
+
+
+def _pid_file(settings: Settings) -> Path:
+    return settings.broker_dir / "mosquitto.pid"
+
+
+def record_broker_pid(settings: Settings, pid: int) -> None:
+    """`broker run`: say which process serves this home's broker config."""
+    try:
+        _pid_file(settings).write_text(f"{pid}\n", encoding="utf-8")
+    except OSError as exc:  # only the reload on `device register` is lost
+        raise ConfigError(f"cannot write {_pid_file(settings)} ({exc.strerror or exc})") from exc
+
+
+def forget_broker_pid(settings: Settings) -> None:
+    _pid_file(settings).unlink(missing_ok=True)
+
+
+def _running_broker_pid(settings: Settings) -> int | None:
+    """The recorded pid, if that process is still a mosquitto running this home's config (pids get reused)."""
+    try:
+        pid = int(_pid_file(settings).read_text(encoding="utf-8").strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    config = str(managed_broker(settings).config_path).encode()
+    return pid if b"mosquitto" in cmdline and config in cmdline else None
+
+
+def reload_running_broker(settings: Settings, accounts: Iterable[tuple[str, str]]) -> int | None:
+    """Rewrite the password file and ACL and SIGHUP the broker `broker run` started; its pid, or None if none runs."""
+    pid = _running_broker_pid(settings)
+    if pid is None:
+        return None
+    write_broker_config(settings, accounts)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError:
+        return None
+    return pid

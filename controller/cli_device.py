@@ -10,10 +10,12 @@ from typing import Annotated, Any
 
 import typer
 
+from edgefleet.controller.broker_config import reload_running_broker
 from edgefleet.controller.cli_common import JsonOpt, emit, fail, guarded, open_registry, settings_of, to_jsonable
+from edgefleet.controller.config import Settings
 from edgefleet.controller.errors import ConfigError
 from edgefleet.controller.keys import write_private_file
-from edgefleet.controller.registry import DeviceCredential
+from edgefleet.controller.registry import DeviceCredential, Registry
 from edgefleet.controller.views import device_detail
 
 __all__ = ["device_app", "read_id_csv"]
@@ -76,6 +78,19 @@ def _write_credentials(path: Path, creds: list[DeviceCredential], host: str, por
         raise ConfigError(f"cannot write credentials to {path} ({exc})") from exc
 
 
+def _tell_the_broker(settings: Settings, registry: Registry) -> None:
+    """mosquitto reads passwords and ACLs at start and on SIGHUP: reload the one `broker run` runs, or say how."""
+    pid = reload_running_broker(settings, registry.broker_accounts())
+    if pid is not None:
+        typer.echo(f"the broker (pid {pid}) reloaded its passwords and ACLs: the new devices can connect", err=True)
+    elif (settings.broker_dir / "passwd").exists():
+        typer.echo(
+            "note: no `edgefleet broker run` is running on this home; for a broker you run yourself, "
+            "`edgefleet broker config` and send it SIGHUP so that it accepts the new devices",
+            err=True,
+        )
+
+
 @device_app.command("register")
 @guarded
 def register(  # noqa: PLR0917 - typer passes every option by position
@@ -94,7 +109,9 @@ def register(  # noqa: PLR0917 - typer passes every option by position
     ids = _ids(device_id, count, prefix, csv_file)
     if out is not None and out.exists():
         raise fail(f"{out} exists already: credentials are written once, to a new file")
-    creds = open_registry(ctx).register_devices(ids, class_name=class_name, fleet=fleet or settings.fleet)
+    registry = open_registry(ctx)
+    creds = registry.register_devices(ids, class_name=class_name, fleet=fleet or settings.fleet)
+    _tell_the_broker(settings, registry)
     if out is not None:
         _write_credentials(out, creds, settings.mqtt_host, settings.mqtt_port)
         typer.echo(f"registered {len(creds)} device(s) in class {class_name}; credentials written to {out}")
@@ -147,7 +164,7 @@ def device_show(ctx: typer.Context, device_id: Annotated[str, typer.Argument()],
     if not as_json and detail.get("jobs"):
         emit(
             detail["jobs"],
-            columns=["id", "artifact_id", "state", "result_code", "updated_at"],
+            columns=["id", "artifact_id", "state", "result_code", "detail", "updated_at"],  # the reason, in words
             as_json=False,
             title="recent jobs",
         )

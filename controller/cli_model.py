@@ -10,7 +10,7 @@ import typer
 
 from edgefleet.controller.artifacts import ArtifactCatalog
 from edgefleet.controller.cli_common import JsonOpt, emit, guarded, open_registry, settings_of
-from edgefleet.controller.errors import ConfigError
+from edgefleet.controller.errors import ConfigError, ConflictError
 from edgefleet.controller.keys import load_signing_key
 from edgefleet.controller.model_sources import example_onnx, torch_onnx
 from edgefleet.controller.onnx_info import read_onnx_info
@@ -52,6 +52,8 @@ def model_add(  # noqa: PLR0917 - typer passes options by position
     settings = settings_of(ctx)
     store = ArtifactStore(settings.store_dir)
     registry = open_registry(ctx)
+    if any(m.name == name for m in registry.list_models()):  # before a minute of training, not after it
+        raise ConflictError(f"model {name!r} already exists")
     if onnx is not None:
         read_onnx_info(onnx)
         digest, _ = store.put_file(onnx)
@@ -63,6 +65,7 @@ def model_add(  # noqa: PLR0917 - typer passes options by position
             built, source = torch_onnx(torch_model, data)
         else:
             assert example is not None  # noqa: S101 - exactly one source was given
+            typer.echo(f"training the {example} example (about a minute on two cores)...", err=True)
             built, source = example_onnx(example, width=width, epochs=epochs)
         digest, _ = store.put_bytes(built)
         read_onnx_info(store.path_of(digest))

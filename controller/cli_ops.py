@@ -6,16 +6,22 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
 from edgefleet.controller.artifacts import ArtifactCatalog
-from edgefleet.controller.broker_config import managed_broker, write_broker_config
+from edgefleet.controller.broker_config import (
+    forget_broker_pid,
+    managed_broker,
+    record_broker_pid,
+    write_broker_config,
+)
 from edgefleet.controller.cli_common import JsonOpt, emit, fail, guarded, open_registry, settings_of
 from edgefleet.controller.config import Settings, convert_setting
 from edgefleet.controller.deploy import Deployer
@@ -164,6 +170,8 @@ def broker_run(
     except BrokerError as exc:
         raise fail(f"{exc} (log: {broker.log_path})") from exc
     typer.echo(f"mosquitto pid {broker.pid} on {broker.host}:{broker.port}; Ctrl-C stops it")
+    if broker.pid is not None:
+        record_broker_pid(settings, broker.pid)  # `device register` reloads this broker's passwords and ACLs
     stop = threading.Event()
 
     def watch() -> None:
@@ -174,9 +182,22 @@ def broker_run(
     watcher.start()
     try:
         _wait_for_signal(stop)
+        code = None if broker.running else broker.wait(timeout=0)
     finally:
         broker.stop()
+        forget_broker_pid(settings)
+    if code:  # mosquitto ended by itself, with an error: say so and exit non-zero
+        raise fail(f"mosquitto exited with code {code}: {_log_tail(broker.log_path)} (log: {broker.log_path})")
     typer.echo("mosquitto stopped")
+
+
+def _log_tail(path: Path) -> str:
+    """The last line of mosquitto's log that says what went wrong (or 'see the log')."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "see the log"
+    return lines[-1][-300:] if lines else "see the log"
 
 
 @guarded
@@ -215,6 +236,7 @@ def serve(
     if recompress_interval is not None:
         settings = replace(settings, recompress_interval_s=recompress_interval)
     app = ControllerApp(settings, recompress=settings.recompress, recompress_interval_s=settings.recompress_interval_s)
+    lock = _serve_lock(settings.home)
     app.start()
     typer.echo(
         f"serving fleet {settings.fleet} from {settings.mqtt_host}:{settings.mqtt_port}; "
@@ -225,4 +247,32 @@ def serve(
         _wait_for_signal(threading.Event())
     finally:
         app.stop()
+    lock.close()
     typer.echo(f"stopped; {app.service.stats()['recorded_messages']} telemetry message(s) recorded")
+
+
+def _serve_lock(home: Path) -> TextIO:
+    """An exclusive lock on HOME/serve.lock, held while `serve` runs: a second one on the same home would take over
+    the first one's MQTT client id (the broker disconnects the older session), so it refuses before connecting."""
+    import fcntl
+
+    path = home / "serve.lock"
+    try:
+        handle = path.open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"cannot open {path} ({exc.strerror or exc})") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise fail(
+            f"another `edgefleet serve` (pid {holder[:20]}) is running on the home {home}: stop it first "
+            "(a second one would take over its MQTT client id)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

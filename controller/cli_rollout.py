@@ -30,7 +30,9 @@ __all__ = ["rollout_app"]
 rollout_app = typer.Typer(help="Roll an artifact out in waves, gated on the model's health.", no_args_is_help=True)
 
 FINAL_ROLLOUT_STATES = {"aborted", "completed"}
-_GOOD = {"active", "rolled_back"}
+_GOOD = {"active"}  # a rolled-back device is not on the rollout's model: it shows under "other"
+# `rollout status` exits with the outcome: 0 completed (or, without --watch, still under way), 3 aborted.
+EXIT_ABORTED = 3
 _BAD = {"failed", "timed_out", "rollback_failed"}
 
 
@@ -145,25 +147,27 @@ def status(
     rollouts = _rollouts(ctx)
     rid = rollout_id if rollout_id is not None else rollouts.latest_id()
     view = describe(rollouts.db, rid)
-    if not watch:
-        if as_json:
-            typer.echo(json.dumps(view, indent=2, sort_keys=True))
-        else:
-            Console().print(render(view))
-        return
-    try:
-        _watch(rollouts, rid, interval=interval, as_json=as_json)
-    except KeyboardInterrupt:
-        return
+    if watch:
+        try:
+            view = _watch(rollouts, rid, interval=interval, as_json=as_json)
+        except KeyboardInterrupt:
+            return
+    elif as_json:
+        typer.echo(json.dumps(view, indent=2, sort_keys=True))
+    else:
+        Console().print(render(view))
+    if view["state"] == "aborted":
+        raise typer.Exit(EXIT_ABORTED)
 
 
-def _watch(rollouts: Rollouts, rid: int, *, interval: float, as_json: bool) -> None:
+def _watch(rollouts: Rollouts, rid: int, *, interval: float, as_json: bool) -> dict[str, Any]:
+    """Redraw until the rollout is final and no device is left to wait for; the last view."""
     view = describe(rollouts.db, rid)
     if as_json:  # one JSON document per line
         while True:
             typer.echo(json.dumps(to_jsonable(view), sort_keys=True))
             if view["state"] in FINAL_ROLLOUT_STATES and not view["unfinished_devices"]:
-                return
+                return view
             time.sleep(interval)
             view = describe(rollouts.db, rid)
     with Live(render(view), refresh_per_second=4, transient=False) as live:
@@ -171,6 +175,7 @@ def _watch(rollouts: Rollouts, rid: int, *, interval: float, as_json: bool) -> N
             time.sleep(interval)
             view = describe(rollouts.db, rid)
             live.update(render(view))
+    return view
 
 
 def render(view: dict[str, Any]) -> RenderableType:
@@ -205,8 +210,8 @@ def render(view: dict[str, Any]) -> RenderableType:
         gates.add_row(
             gate["name"],
             f"[{colour}]{gate['status']}[/{colour}]",
-            _number(gate["value"]),
-            _number(gate["threshold"]),
+            _gate_number(gate["name"], gate["value"]),
+            _gate_number(gate["name"], gate["threshold"]),
             str(gate["devices"]),
             str(gate["samples"]),
             gate["detail"],
@@ -224,10 +229,18 @@ def _breach_line(breach: dict[str, Any]) -> str:
     if "gates" not in breach:  # stopped by an operator
         return f"[yellow]stopped by {breach.get('by', '?')}:[/yellow] {breach.get('reason', '')}"
     gates = ", ".join(
-        f"{g['name']} {_number(g['value'])} vs {_number(g['threshold'])} ({g['detail'] or 'judged'})"
+        f"{g['name']} {_gate_number(g['name'], g['value'])} vs {_gate_number(g['name'], g['threshold'])} "
+        f"({g['detail'] or 'judged'})"
         for g in breach["gates"]
     )
     return f"[red]breach in wave {breach.get('wave')}:[/red] {gates}; action: {breach.get('action')}"
+
+
+def _gate_number(gate: str, value: Any) -> str:
+    """A gate's value as an operator reads it: latency in ms (the gates judge seconds), the rest as they are."""
+    if gate == "latency_p95" and isinstance(value, int | float):
+        return f"{value * 1000:.3g} ms"
+    return _number(value)
 
 
 def _number(value: Any) -> str:

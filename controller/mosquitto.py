@@ -181,6 +181,12 @@ class ManagedMosquitto:
         binary = find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto is not installed: install Debian's `mosquitto` package")
+        if port_answers(self.host, self.port, timeout=0.2):
+            # Another process holds the port: "answering" below would be that one, and ours would exit at once.
+            raise BrokerError(
+                f"{self.host}:{self.port} is already in use by another process: stop it, or choose another port "
+                "(edgefleet --mqtt-port N)"
+            )
         self.write_config()
         self._proc = subprocess.Popen(
             [binary, "-c", str(self.config_path)],

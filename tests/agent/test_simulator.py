@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,58 @@ def test_simulate_verb_connects_and_summarises(tmp_path: Path, mqtt_broker: Any,
     args += ["--port", str(mqtt_broker.port), "--data-dir", str(tmp_path / "sim"), "--duration", "1.5"]
     assert main([*args, "--log-level", "warning"]) == 0
     assert "5 devices, 5 connected" in capsys.readouterr().out
+
+
+def _box_profile(tmp_path: Path) -> Path:
+    profile = tmp_path / "box.toml"
+    profile.write_text(
+        '[profile]\nname = "box"\nstorage_budget_bytes = 1000000\nram_budget_bytes = 100000000\n'
+        "latency_budget_ms = 5.0\nthreads = 1\nint8_dot_product = false\n"
+        "reference_ms = { fp32_conv = 1.0, fp32_matmul = 0.5, int8_conv = 1.0, int8_matmul = 0.5 }\n",
+        encoding="utf-8",
+    )
+    return profile
+
+
+def _credentials(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    lines = ["device_id,username,password,fleet,class,mqtt_host,mqtt_port"]
+    lines += [f"d-{i},d-{i},pw{i},{fleet},box,{host},{port}" for i, (fleet, host, port) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.mqtt
+def test_simulate_takes_fleet_host_and_port_from_the_credentials_file(
+    tmp_path: Path, mqtt_broker: Any, caplog: pytest.LogCaptureFixture, capsys: Any
+) -> None:
+    """What `edgefleet device register --out` writes is all a simulated fleet needs: no --fleet/--host/--port, and
+    every device infers (the gates need samples), with a progress line while it runs."""
+    host, port = mqtt_broker.host, mqtt_broker.port
+    creds = _credentials(tmp_path / "line3.csv", [("plant3", host, str(port))] * 3)
+    args = ["simulate", "--credentials", str(creds), "--class", str(_box_profile(tmp_path))]
+    args += ["--data-dir", str(tmp_path / "sim"), "--duration", "1.5", "--progress-every", "0.5"]
+    with caplog.at_level(logging.INFO, logger="edgefleet.agent.simulate"):
+        assert main(args) == 0
+    assert "3 devices, 3 connected" in capsys.readouterr().out
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgefleet.agent.simulate"]
+    assert lines[0] == f"simulating 3 box device(s) of fleet plant3 on {host}:{port} (3 inferring)"
+    assert any("connected" in line for line in lines[1:]), lines
+
+
+def test_credentials_that_disagree_on_the_broker_are_refused(tmp_path: Path, capsys: Any) -> None:
+    creds = _credentials(tmp_path / "mixed.csv", [("plant3", "10.0.0.1", "1883"), ("plant3", "10.0.0.2", "1883")])
+    args = ["simulate", "--credentials", str(creds), "--class", str(_box_profile(tmp_path)), "--duration", "0"]
+    assert main(args) == 1
+    assert "different mqtt_host values (10.0.0.1, 10.0.0.2); give --host" in capsys.readouterr().err
+    bad_port = _credentials(tmp_path / "port.csv", [("plant3", "127.0.0.1", "18x83")])
+    assert main(["simulate", "--credentials", str(bad_port), "--class", str(_box_profile(tmp_path))]) == 1
+    assert "mqtt_port '18x83' is not a port number" in capsys.readouterr().err
+
+
+def test_agent_and_controller_default_to_the_same_fleet() -> None:
+    from edgefleet.agent.cli import DEFAULT_FLEET, DEFAULT_PORT
+    from edgefleet.controller.config import Settings
+
+    fields = Settings.__dataclass_fields__
+    assert fields["fleet"].default == DEFAULT_FLEET
+    assert fields["mqtt_port"].default == DEFAULT_PORT

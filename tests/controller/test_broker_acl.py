@@ -162,3 +162,47 @@ def test_simulate_refuses_a_broken_credentials_file(tmp_path: Path, profiles: Pa
         assert main(["simulate", "--credentials", str(bad), "--class", str(profiles / "rpi4.toml")]) == 1
     assert main(["simulate", "--credentials", str(tmp_path / "none.csv"), "--class", str(profiles / "rpi4.toml")]) == 1
     assert main(["simulate", "--class", str(profiles / "rpi4.toml")]) == 1
+
+
+def test_devices_registered_after_broker_run_started_can_connect(cli, profiles: Path, tmp_path: Path) -> None:
+    """They were refused ("Not authorized") until mosquitto got SIGHUP, and nothing said so."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    if find_mosquitto() is None:
+        pytest.skip("the mosquitto binary is missing: install Debian's `mosquitto` package")
+    port = free_port()
+    cli.env["EDGEFLEET_MQTT_PORT"] = str(port)
+    cli.ok("init")
+    cli.ok("class", "add", "rpi4", "--profile", str(profiles / "rpi4.toml"))
+    cli.ok("device", "register", "--class", "rpi4", "--id", "early")
+    command = [sys.executable, "-c", "from edgefleet.controller.cli import main; main()", "broker", "run"]
+    broker = subprocess.Popen(command, env={**os.environ, **cli.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        from waiting import wait_for
+
+        from edgefleet.controller.mosquitto import port_answers
+
+        assert wait_for(lambda: port_answers("127.0.0.1", port), 15.0), "broker run did not start"
+        result = cli("device", "register", "--class", "rpi4", "--id", "late", "--json")
+        assert result.exit_code == 0, result.output
+        assert "reloaded its passwords and ACLs" in result.output
+        password = next(c["password"] for c in json.loads(result.stdout) if c["device_id"] == "late")
+        peer = None
+        for _ in range(20):  # mosquitto rereads the files on SIGHUP, asynchronously
+            peer = Peer(port, "late", "late", password)
+            if peer.connected.is_set():
+                break
+            peer.close()
+            time.sleep(0.1)
+        assert peer is not None
+        assert peer.connected.is_set(), "a device registered after the broker started is refused"
+        peer.close()
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        out, _ = broker.communicate(timeout=15)
+    assert broker.returncode == 0, out
+    assert not (cli.home / "broker" / "mosquitto.pid").exists()

@@ -171,9 +171,14 @@ def test_model_add_from_a_shipped_example(ready) -> None:
     model = ready.json("model", "list")[0]
     assert model["source"] == "example:vibration"
     assert ready.json("artifact", "add", "vib", "--class", "x86-gateway")["version"] == 1
+    assert "training the vibration example" in result.output  # long work says so before it starts
     bad = ready("model", "add", "other", "--example", "nope")
     assert bad.exit_code == 1
     assert "choose one of" in bad.output
+    again = ready("model", "add", "vib", "--example", "vibration", "--width", "0.25", "--epochs", "1")
+    assert again.exit_code == 1
+    assert "model 'vib' already exists" in again.output
+    assert "training" not in again.output  # refused before training, not after it
 
 
 def test_artifact_add_with_validation_samples(ready, tiny_onnx: Path, tmp_path: Path) -> None:

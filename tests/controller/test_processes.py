@@ -98,3 +98,53 @@ def test_shared_subscriptions_split_the_stream_between_replicas(cli, mqtt_broker
     finally:
         for app in apps:
             app.stop()
+
+
+def test_broker_run_on_a_taken_port_fails_with_the_reason(ready, tmp_path: Path) -> None:
+    """Port 1883 held by another broker: `broker run` said "mosquitto pid ... on 127.0.0.1:1883", then "mosquitto
+    stopped", exit 0, with "Address already in use" only in mosquitto.log."""
+    if find_mosquitto() is None:
+        pytest.skip("the mosquitto binary is missing: install Debian's `mosquitto` package")
+    import socket
+
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    env = {**os.environ, **ready.env, "EDGEFLEET_MQTT_PORT": str(port)}
+    try:
+        done = subprocess.run(
+            [*EDGEFLEET, "broker", "run"], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    finally:
+        holder.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"127.0.0.1:{port} is already in use by another process" in done.stderr
+    assert "--mqtt-port" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_second_serve_on_the_same_home_refuses_before_touching_mqtt(ready, mqtt_broker, tmp_path: Path) -> None:
+    """The second one kicked the first off MQTT (same client id), then died with a raw traceback (metrics port)."""
+    metrics_port = free_port()
+    env = {**os.environ, **ready.env, "EDGEFLEET_MQTT_PORT": str(mqtt_broker.port),
+           "EDGEFLEET_METRICS_PORT": str(metrics_port)}  # fmt: skip
+    first = subprocess.Popen([*EDGEFLEET, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: port_answers("127.0.0.1", metrics_port), 15.0), "serve did not start"
+        second = subprocess.run([*EDGEFLEET, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 1
+        assert f"another `edgefleet serve` (pid {first.pid}) is running on the home" in second.stderr
+        assert "Traceback" not in second.stderr + second.stdout
+        assert first.poll() is None, "the first serve must keep running"
+        # Another home, same metrics port: a clear line, not an OSError traceback, and MQTT untouched.
+        other = {**env, "EDGEFLEET_HOME": str(tmp_path / "other")}
+        init = subprocess.run([*EDGEFLEET, "init"], env=other, capture_output=True, timeout=60, check=False)
+        assert init.returncode == 0
+        third = subprocess.run(
+            [*EDGEFLEET, "serve"], env=other, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert third.returncode == 1
+        assert f"cannot serve metrics on 127.0.0.1:{metrics_port}" in third.stderr
+        assert "Traceback" not in third.stderr + third.stdout
+    finally:
+        code, out = stop(first)
+    assert code == 0, out

@@ -30,8 +30,22 @@ def test_start_list_status_pause_resume_abort(fleet) -> None:
     assert fleet.json("rollout", "resume", "1", "--waive", "latency_p95")["state"] == "running"
     assert fleet.json("rollout", "status", "1")["gate_config"]["waived"] == ["latency_p95"]
     assert fleet.json("rollout", "abort", "1", "--reason", "test") == {"id": 1, "rollbacks": 0, "state": "aborted"}
-    watched = fleet.ok("rollout", "status", "1", "--watch", "--json", "--interval", "0.1")
-    assert '"state": "aborted"' in watched  # a finished rollout: one view, then the watch ends
+    watched = fleet("rollout", "status", "1", "--watch", "--json", "--interval", "0.1")
+    assert '"state": "aborted"' in watched.output  # a finished rollout: one view, then the watch ends
+    assert watched.exit_code == 3  # the outcome is the exit code: aborted
+    assert fleet("rollout", "status", "1").exit_code == 3
+
+
+def test_gates_show_latency_in_milliseconds() -> None:
+    """All else is in ms; the latency gate printed seconds to three decimals (`latency_p95 0.001 vs 0.0005`)."""
+    from edgefleet.controller.cli_rollout import _breach_line, _gate_number
+
+    assert _gate_number("latency_p95", 0.0005) == "0.5 ms"
+    assert _gate_number("latency_p95", 0.00213) == "2.13 ms"
+    assert _gate_number("accuracy", 0.9166) == "0.9166"
+    line = _breach_line({"wave": 0, "action": "abort", "gates": [
+        {"name": "latency_p95", "value": 0.003, "threshold": 0.002, "detail": ""}]})  # fmt: skip
+    assert "latency_p95 3 ms vs 2 ms (judged)" in line
 
 
 @pytest.mark.parametrize(

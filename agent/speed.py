@@ -13,7 +13,7 @@ On a device (paste the printed table into the class profile)::
 On a host, in Python::
 
     times = time_workload(threads=1)          # ReferenceTimes(fp32_conv=0.21, ...), milliseconds
-    speed = SimulatedSpeed.of(profile, times)  # what a simulated device of that class multiplies its timings by
+    speed = SimulatedSpeed(profile, times)  # what a simulated device of that class multiplies its timings by
 
 Each time is the lowest of several rounds' medians, the rounds interleaved across the four models: a burst of
 interference from another process spoils one round of each model, not the verdict. At one thread a run is timed in
@@ -131,28 +131,33 @@ class SimulatedSpeed:
     reference too and the simulated device keeps the speed its profile gives it.
     """
 
-    __slots__ = ("fp32", "host", "int8", "profile")
+    __slots__ = ("_int8_files", "fp32", "host", "int8", "profile")
 
     def __init__(self, profile: DeviceProfile, host: ReferenceTimes) -> None:
         self.profile = profile
+        # model file (path, size, mtime) -> int8?: a model switch on a thousand simulated devices reads it once
+        self._int8_files: dict[tuple[str, int, int], bool] = {}
         self.update(host)
-
-    @classmethod
-    def of(cls, profile: DeviceProfile, host: ReferenceTimes) -> SimulatedSpeed:
-        return cls(profile, host)
 
     def update(self, host: ReferenceTimes) -> None:
         self.host = host
         self.fp32 = self.profile.device_over_host(host, int8=False)
         self.int8 = self.profile.device_over_host(host, int8=True)
 
+    def _is_int8(self, model: Path) -> bool:
+        stat = model.stat()
+        key = (str(model), stat.st_size, stat.st_mtime_ns)
+        if key not in self._int8_files:
+            self._int8_files[key] = is_int8_model(model)
+        return self._int8_files[key]
+
     def scale_for(self, model: Path) -> float:
         """The factor for `model` now."""
-        return self.int8 if is_int8_model(model) else self.fp32
+        return self.int8 if self._is_int8(model) else self.fp32
 
     def scaler(self, model: Path, *, times: float = 1.0) -> Callable[[], float]:
         """The factor for `model` (x `times`, e.g. a fault's slow factor) as it is at each call."""
-        int8 = is_int8_model(model)
+        int8 = self._is_int8(model)
         return lambda: (self.int8 if int8 else self.fp32) * times
 
 

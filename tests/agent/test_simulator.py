@@ -91,14 +91,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: Any) -> None:
 
 @pytest.mark.mqtt
 def test_simulate_verb_connects_and_summarises(tmp_path: Path, mqtt_broker: Any, capsys: Any) -> None:
-    profile = tmp_path / "box.toml"
-    profile.write_text(
-        '[profile]\nname = "box"\nstorage_budget_bytes = 1000000\nram_budget_bytes = 100000000\n'
-        "latency_budget_ms = 5.0\nthreads = 1\nint8_dot_product = false\n"
-        "reference_ms = { fp32_conv = 1.0, fp32_matmul = 0.5, int8_conv = 1.0, int8_matmul = 0.5 }\n",
-        encoding="utf-8",
-    )
-    args = ["simulate", "--devices", "5", "--class", str(profile), "--host", mqtt_broker.host]
+    args = ["simulate", "--devices", "5", "--class", str(_box_profile(tmp_path)), "--host", mqtt_broker.host]
     args += ["--port", str(mqtt_broker.port), "--data-dir", str(tmp_path / "sim"), "--duration", "1.5"]
     assert main([*args, "--log-level", "warning"]) == 0
     assert "5 devices, 5 connected" in capsys.readouterr().out

@@ -41,7 +41,7 @@ def test_a_simulated_device_scales_by_device_over_host_on_the_models_path(tmp_pa
     )
     fast = ReferenceTimes(fp32_conv=0.2, fp32_matmul=0.1, int8_conv=0.1, int8_matmul=0.05)
     slow = ReferenceTimes(fp32_conv=0.4, fp32_matmul=0.2, int8_conv=0.4, int8_matmul=0.2)
-    on_fast, on_slow = SimulatedSpeed.of(profile, fast), SimulatedSpeed.of(profile, slow)
+    on_fast, on_slow = SimulatedSpeed(profile, fast), SimulatedSpeed(profile, slow)
     assert on_fast.fp32 == pytest.approx(10.0)
     assert on_fast.int8 == pytest.approx(20.0)
     assert on_slow.fp32 * 2 == pytest.approx(on_fast.fp32)

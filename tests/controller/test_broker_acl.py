@@ -10,9 +10,10 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from waiting import wait_for
 
 from edgefleet.controller.config import CONTROLLER_USERNAME
-from edgefleet.controller.mosquitto import ManagedMosquitto, find_mosquitto, free_port
+from edgefleet.controller.mosquitto import ManagedMosquitto, find_mosquitto, free_port, port_answers
 from edgefleet.protocols.topics import command_topic, controller_filters, telemetry_topic
 
 pytestmark = pytest.mark.mqtt
@@ -46,14 +47,20 @@ class Peer:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def acl_broker(cli, profiles: Path) -> Iterator[tuple[int, dict[str, str], str]]:
+def _home_with_a_class(cli, profiles: Path) -> int:
+    """An initialised home with class rpi4 whose broker port is a free one (returned); skips without mosquitto."""
     if find_mosquitto() is None:
         pytest.skip("the mosquitto binary is missing: install Debian's `mosquitto` package")
     port = free_port()
     cli.env["EDGEFLEET_MQTT_PORT"] = str(port)
     cli.ok("init")
     cli.ok("class", "add", "rpi4", "--profile", str(profiles / "rpi4.toml"))
+    return port
+
+
+@pytest.fixture
+def acl_broker(cli, profiles: Path) -> Iterator[tuple[int, dict[str, str], str]]:
+    port = _home_with_a_class(cli, profiles)
     creds = dict(line.split("\t") for line in cli.ok("device", "register", "--class", "rpi4",
                                                       "--id", "dev-a", "--id", "dev-b").splitlines()[1:])  # fmt: skip
     cli.ok("broker", "config")
@@ -121,12 +128,7 @@ def test_simulated_devices_log_in_with_registered_credentials(cli, profiles: Pat
     from edgefleet.controller.config import load_settings
     from edgefleet.protocols.topics import status_topic
 
-    if find_mosquitto() is None:
-        pytest.skip("the mosquitto binary is missing: install Debian's `mosquitto` package")
-    port = free_port()
-    cli.env["EDGEFLEET_MQTT_PORT"] = str(port)
-    cli.ok("init")
-    cli.ok("class", "add", "rpi4", "--profile", str(profiles / "rpi4.toml"))
+    port = _home_with_a_class(cli, profiles)
     creds_file = tmp_path / "creds.csv"
     cli.ok("device", "register", "--class", "rpi4", "--count", "3", "--prefix", "sim", "--out", str(creds_file))
     cli.ok("broker", "config")
@@ -172,20 +174,11 @@ def test_devices_registered_after_broker_run_started_can_connect(cli, profiles: 
     import subprocess
     import sys
 
-    if find_mosquitto() is None:
-        pytest.skip("the mosquitto binary is missing: install Debian's `mosquitto` package")
-    port = free_port()
-    cli.env["EDGEFLEET_MQTT_PORT"] = str(port)
-    cli.ok("init")
-    cli.ok("class", "add", "rpi4", "--profile", str(profiles / "rpi4.toml"))
+    port = _home_with_a_class(cli, profiles)
     cli.ok("device", "register", "--class", "rpi4", "--id", "early")
     command = [sys.executable, "-c", "from edgefleet.controller.cli import main; main()", "broker", "run"]
     broker = subprocess.Popen(command, env={**os.environ, **cli.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        from waiting import wait_for
-
-        from edgefleet.controller.mosquitto import port_answers
-
         assert wait_for(lambda: port_answers("127.0.0.1", port), 15.0), "broker run did not start"
         result = cli("device", "register", "--class", "rpi4", "--id", "late", "--json")
         assert result.exit_code == 0, result.output

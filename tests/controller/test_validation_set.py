@@ -32,18 +32,11 @@ from edgefleet.controller import validation_set as vs_module
 from edgefleet.controller.artifacts import ArtifactCatalog
 from edgefleet.controller.db import Database
 from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.model_numerics import NumericKind, numeric_kind, output_steps, shifted
 from edgefleet.controller.registry import Registry
 from edgefleet.controller.store import ArtifactStore
 from edgefleet.controller.tables import Artifact
-from edgefleet.controller.validation_set import (
-    NumericKind,
-    ValidationDataError,
-    ValidationSet,
-    build_validation,
-    numeric_kind,
-    output_steps,
-    shifted,
-)
+from edgefleet.controller.validation_set import ValidationDataError, ValidationSet, build_validation
 from edgefleet.protocols.manifest import Manifest, TensorSpec, block_digests
 from edgefleet.protocols.profile import load_profile
 from edgefleet.protocols.signing import key_id, public_key_of, verify_manifest

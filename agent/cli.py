@@ -63,23 +63,42 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-window", type=float, default=10.0, help="seconds per telemetry window")
     p.add_argument("--dataset", type=Path, help=".npz with inputs `x` and labels `y` to replay")
     p.add_argument("--rate", type=float, default=1.0, help="inferences per second per inferring device")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log detail")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help says it already or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default in (argparse.SUPPRESS, []):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefleet-agent",
         description="Run compressed models on this device; download, verify, activate, report, roll back.",
+        formatter_class=_DefaultsFormatter,
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    run = sub.add_parser("run", help="run the agent on this device")
+    run = sub.add_parser("run", help="run the agent on this device", formatter_class=_DefaultsFormatter)
     _connection_args(run)
     run.add_argument("--device", required=True, help="device id (also the MQTT username and client id)")
     run.add_argument("--password-file", type=Path, help="file holding this device's MQTT password")
+    run.add_argument(
+        "--credentials",
+        type=Path,
+        help="CSV from `edgefleet device register --out`: this device's row gives its password, fleet, host, port",
+    )
     run.add_argument("--data-dir", type=Path, default=Path("/var/lib/edgefleet-agent"), help="state and slots")
     run.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
 
-    sim = sub.add_parser("simulate", help="run many simulated devices in one process")
+    sim = sub.add_parser(
+        "simulate", help="run many simulated devices in one process", formatter_class=_DefaultsFormatter
+    )
     _connection_args(sim)
     sim.add_argument("--devices", type=int, help="how many devices (default: every row of --credentials)")
     sim.add_argument(
@@ -103,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--slow", type=float, default=1.0, help="multiply inference latency by this factor")
 
     speed = sub.add_parser(
-        "speed-factor", help="time this device on the reference workload: the [profile.reference_ms] table"
+        "speed-factor",
+        help="time this device on the reference workload: the [profile.reference_ms] table",
+        formatter_class=_DefaultsFormatter,
     )
     speed.add_argument("--threads", type=int, default=1, help="intra-op threads: the class profile's `threads`")
     speed.add_argument("--rounds", type=int, default=7, help="rounds of timed runs (the lowest median counts)")
@@ -128,19 +149,27 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
 
 def _run(args: argparse.Namespace) -> int:
     from edgefleet.agent.agent import Agent
+    from edgefleet.agent.credentials import read_credentials
     from edgefleet.agent.reactor import Reactor
     from edgefleet.agent.replay import load_dataset
     from edgefleet.agent.trust import load_trusted_keys
 
-    password = args.password_file.read_text(encoding="utf-8").strip() if args.password_file else None
+    password = _read_password(args.password_file) if args.password_file else None
+    fleet, host, port = None, None, None
+    if args.credentials is not None:
+        mine = [c for c in read_credentials(args.credentials) if c.device_id == args.device]
+        if not mine:
+            raise AgentError(f"{args.credentials} holds no row for device {args.device!r}")
+        password = password or mine[0].password
+        fleet, host, port = mine[0].fleet, mine[0].mqtt_host, mine[0].mqtt_port
     profile = resolve_profile(args.device_class)
     config = AgentConfig(
-        fleet=args.fleet or DEFAULT_FLEET,
+        fleet=args.fleet or fleet or DEFAULT_FLEET,
         device_id=args.device,
         profile=profile,
         data_dir=args.data_dir,
-        host=args.host or DEFAULT_HOST,
-        port=args.port or DEFAULT_PORT,
+        host=args.host or host or DEFAULT_HOST,
+        port=args.port or port or DEFAULT_PORT,
         password=password,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
@@ -174,6 +203,13 @@ def _run(args: argparse.Namespace) -> int:
     agent.link.close()
     reactor.close()
     return 0
+
+
+def _read_password(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentError(f"cannot read the password file {path} ({getattr(exc, 'strerror', None) or exc})") from exc
 
 
 def _raise_nofile(wanted: int) -> None:

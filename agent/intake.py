@@ -5,6 +5,7 @@ Every move still goes through `Updater.move`, so the transition table stays the 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from edgefleet.agent.machine import TERMINAL, Event
@@ -14,9 +15,12 @@ from edgefleet.protocols.errors import VerificationError
 from edgefleet.protocols.messages import JobEvent
 
 if TYPE_CHECKING:
+    from edgefleet.agent.slots import SlotInfo
     from edgefleet.agent.updater import Updater
 
 __all__ = ["handle_command", "refuse"]
+
+log = logging.getLogger(__name__)
 
 
 def handle_command(up: Updater, command: DeployCommand | RollbackCommand | ConfigureCommand) -> None:
@@ -72,13 +76,39 @@ def refuse(up: Updater, job_id: str, code: ResultCode, detail: str, *, state: Jo
 
 
 def _slot_rollback(up: Updater, command: RollbackCommand) -> None:
-    """An explicit rollback without a manifest: switch back to the previous slot."""
+    """An explicit rollback without a manifest: switch back to the previous slot.
+
+    With nothing to go back to (a first model, or another version in the previous slot) the job fails with
+    `no_previous_model` and the device keeps running what it runs: dropping the only model would leave it
+    with none, which no rollback asks for.
+    """
     previous = up.slots.previous()
     if previous is None or command.target_version not in {None, previous.version}:
-        refuse(up, command.job_id, ResultCode.UNSUPPORTED, "no previous model of that version to go back to")
+        detail = _nothing_to_go_back_to(up, command, previous)
+        log.info("device %s rollback %s: %s", up.config.device_id, command.job_id, detail)
+        refuse(up, command.job_id, ResultCode.NO_PREVIOUS_MODEL, detail)
         return
     rec = up.record
     rec.job_id, rec.manifest, rec.rollback, rec.moves = command.job_id, None, True, 0
     rec.result, rec.detail = 0, ""
     rec.target_slot = up.slots.current_name()
     up.move(Event.ROLLBACK)
+
+
+def _nothing_to_go_back_to(up: Updater, command: RollbackCommand, previous: SlotInfo | None) -> str:
+    """Why a slot rollback cannot happen, and what the device runs instead, in words for the operator.
+
+    e.g. "no previous model to go back to: v1 is the only model on this device; it keeps running it".
+    The other slot is empty after a first install, and also after a failed install over the older model.
+    """
+    current = up.slots.current()
+    if current is None:
+        return "no previous model to go back to: this device runs no model"
+    if previous is None:
+        return (
+            f"no previous model to go back to: v{current.version} is the only model on this device; it keeps running it"
+        )
+    return (
+        f"no previous model of v{command.target_version} to go back to: the previous slot holds "
+        f"v{previous.version}; this device keeps running v{current.version}"
+    )

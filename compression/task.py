@@ -106,6 +106,8 @@ class Task:
 def load_npz(path: Path | str, *, name: str | None = None) -> Task:
     """Read `x_train, y_train, x_val, y_val` from a .npz file (no pickles) into a checked `Task`."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an .npz file (numpy.savez writes one: a zip of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in NPZ_KEYS if k not in npz.files]

@@ -36,25 +36,51 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: "[policy]" and "[env ...]" must not be read as markup
 )
 
 
 @app.callback()
 def root(  # noqa: PLR0917 - typer passes options by position
     ctx: typer.Context,
-    home: Annotated[Path | None, typer.Option("--home", help="edgefleet home [env EDGEFLEET_HOME]")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file [env EDGEFLEET_CONFIG]")] = None,
-    database_url: Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL (default SQLite)")] = None,
-    mqtt_host: Annotated[str | None, typer.Option("--mqtt-host", help="broker host")] = None,
-    mqtt_port: Annotated[int | None, typer.Option("--mqtt-port", help="broker port")] = None,
-    mqtt_username: Annotated[str | None, typer.Option("--mqtt-username", help="broker username")] = None,
-    mqtt_password: Annotated[str | None, typer.Option("--mqtt-password", help="broker password")] = None,
-    fleet: Annotated[str | None, typer.Option("--fleet", help="fleet to serve (default: default)")] = None,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="edgefleet home (env EDGEFLEET_HOME; default ~/.edgefleet)")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML settings file (env EDGEFLEET_CONFIG; default HOME/edgefleet.toml)"),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="SQLAlchemy URL (env EDGEFLEET_DATABASE_URL; default SQLite in HOME)"),
+    ] = None,
+    mqtt_host: Annotated[
+        str | None, typer.Option("--mqtt-host", help="broker host (env EDGEFLEET_MQTT_HOST; default 127.0.0.1)")
+    ] = None,
+    mqtt_port: Annotated[
+        int | None, typer.Option("--mqtt-port", help="broker port (env EDGEFLEET_MQTT_PORT; default 1883)")
+    ] = None,
+    mqtt_username: Annotated[
+        str | None, typer.Option("--mqtt-username", help="broker username (env EDGEFLEET_MQTT_USERNAME)")
+    ] = None,
+    mqtt_password: Annotated[
+        str | None, typer.Option("--mqtt-password", help="broker password (env EDGEFLEET_MQTT_PASSWORD)")
+    ] = None,
+    fleet: Annotated[
+        str | None, typer.Option("--fleet", help="fleet to serve (env EDGEFLEET_FLEET; default 'default')")
+    ] = None,
     shared_subscriptions: Annotated[
-        bool | None, typer.Option("--shared-subscriptions/--no-shared-subscriptions", help="MQTT 5 shared subs")
+        bool | None,
+        typer.Option(
+            "--shared-subscriptions/--no-shared-subscriptions",
+            help="MQTT 5 shared subscriptions (env EDGEFLEET_SHARED_SUBSCRIPTIONS; default off)",
+        ),
     ] = None,
 ) -> None:
-    """Settings given here win over EDGEFLEET_* variables, which win over the TOML file."""
+    """Settings given here win over EDGEFLEET_* variables, which win over the TOML file.
+
+    Every setting of the TOML file also reads EDGEFLEET_<NAME>, e.g. EDGEFLEET_METRICS_PORT (default 9464).
+    """
     ctx.obj = CliState(
         flags={
             "home": home,

@@ -1,10 +1,10 @@
 """`edgefleet compress class MODEL --class C`: plan for a registered device class and store the pick as that
-class's next signed artifact, ready for `edgefleet deploy` (the planner's choice, its recipe and its measurements
+class's next signed artifact, ready for `edgefleet rollout start` (the planner's choice, its recipe and its measurements
 travel in the manifest, with validation samples from the data's validation split).
 
     edgefleet model add digits --example digits
     edgefleet compress class digits --class rpi4 --example digits --time-budget 300
-    edgefleet deploy <artifact id> --class rpi4
+    edgefleet rollout start rpi4:1 --class rpi4       # gated waves (or `edgefleet deploy 1 --class rpi4`: at once)
 """
 
 from __future__ import annotations
@@ -75,6 +75,6 @@ def compress_for_class(  # noqa: PLR0917 - typer passes options by position
         return
     typer.echo(
         f"artifact {artifact.id}: {model_name} for class {class_name}, version {artifact.version}, "
-        f"{artifact.size} bytes, recipe {result.chosen.label}, signed; deploy it with "
-        f"`edgefleet deploy {artifact.id} --class {class_name}`"
+        f"{artifact.size} bytes, recipe {result.chosen.label}, signed; roll it out with "
+        f"`edgefleet rollout start {class_name}:{artifact.version} --class {class_name}`"
     )

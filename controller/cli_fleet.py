@@ -34,13 +34,18 @@ def fleet_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     emit(rows, columns=["name", "devices", "created_at"], as_json=as_json, title="fleets")
 
 
-def _class_file(name: str, path: Path) -> tuple[DeviceProfile, RecompressionPolicy | None]:
-    """The profile (renamed to `name`) and the optional `[policy]` table of a class TOML; both checked first."""
+def _class_file(name: str, path: Path) -> tuple[DeviceProfile, RecompressionPolicy | None, str]:
+    """The profile (renamed to `name`), the optional `[policy]` table of a class TOML (both checked first), and a
+    note when the profile's own name differs (one file may serve several classes; the operator should know)."""
     document = read_profile_file(path)  # read once: the profile and the policy come from the same bytes
     loaded = parse_profile(document, source=str(path))
+    note = ""
     if loaded.name != name:
+        note = (
+            f" (the profile calls itself {loaded.name!r}; here it is class {name!r}: devices join with --class {name})"
+        )
         loaded = loaded.model_validate({**loaded.model_dump(), "name": name})
-    return loaded, parse_policy(document, source=str(path))
+    return loaded, parse_policy(document, source=str(path)), note
 
 
 def _policy_note(policy: RecompressionPolicy | None) -> str:
@@ -57,9 +62,9 @@ def class_add(
     profile: Annotated[Path, typer.Option("--profile", help="device profile TOML file")],
 ) -> None:
     """Add a device class from a profile file ([profile] table; its [policy] table is the recompression policy)."""
-    loaded, policy = _class_file(name, profile)
+    loaded, policy, note = _class_file(name, profile)
     row = open_registry(ctx).add_class(loaded, name=name, policy=policy)
-    typer.echo(f"class {row.name} added from {profile}; {_policy_note(policy)}")
+    typer.echo(f"class {row.name} added from {profile}{note}; {_policy_note(policy)}")
 
 
 @class_app.command("update")
@@ -70,9 +75,9 @@ def class_update(
     profile: Annotated[Path, typer.Option("--profile", help="device profile TOML file")],
 ) -> None:
     """Replace a class's profile and recompression policy with those of the file (no [policy] table: none)."""
-    loaded, policy = _class_file(name, profile)
+    loaded, policy, note = _class_file(name, profile)
     row = open_registry(ctx).update_class(loaded, name=name, policy=policy)
-    typer.echo(f"class {row.name} updated from {profile}; {_policy_note(policy)}")
+    typer.echo(f"class {row.name} updated from {profile}{note}; {_policy_note(policy)}")
 
 
 @class_app.command("list")

@@ -11,8 +11,8 @@ import typer
 from edgefleet.controller.artifacts import ArtifactCatalog
 from edgefleet.controller.cli_common import JsonOpt, emit, guarded, open_registry, settings_of
 from edgefleet.controller.errors import ConfigError, ConflictError
-from edgefleet.controller.keys import load_signing_key
-from edgefleet.controller.model_sources import example_onnx, torch_onnx
+from edgefleet.controller.keys import load_signing_key, write_private_file
+from edgefleet.controller.model_sources import example_onnx, held_out_npz, torch_onnx
 from edgefleet.controller.onnx_info import read_onnx_info
 from edgefleet.controller.store import ArtifactStore
 from edgefleet.controller.tables import Artifact
@@ -82,6 +82,29 @@ def model_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         for m in open_registry(ctx).list_models()
     ]
     emit(rows, columns=["name", "source", "task", "sha256", "created_at"], as_json=as_json, title="models")
+
+
+@model_app.command("samples")
+@guarded
+def model_samples(
+    out: Annotated[Path, typer.Option("--out", help="the .npz to write (x, y); refused when it exists")],
+    example: Annotated[str | None, typer.Option("--example", help="a shipped example: digits, vibration")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="your .npz with x_val, y_val")] = None,
+) -> None:
+    """Write the held-out inputs and labels that `edgefleet-agent simulate --dataset` replays (labelled inferences)."""
+    if (example is None) == (data is None):
+        raise ConfigError("give exactly one of --example NAME or --data FILE.npz")
+    if out.exists():
+        raise ConflictError(f"{out} exists already: choose another --out, or remove it")
+    payload, count = held_out_npz(example=example, data=data)
+    try:
+        write_private_file(out, payload)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out} ({exc.strerror or exc}); nothing was written") from exc
+    typer.echo(
+        f"{count} labelled held-out samples written to {out}; "
+        f"replay them with `edgefleet-agent simulate --dataset {out}`"
+    )
 
 
 @artifact_app.command("add")

@@ -9,9 +9,10 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
@@ -25,9 +26,14 @@ from edgefleet.controller.broker_config import (
 from edgefleet.controller.cli_common import JsonOpt, emit, fail, guarded, open_registry, settings_of
 from edgefleet.controller.config import Settings, convert_setting
 from edgefleet.controller.deploy import Deployer
+from edgefleet.controller.errors import ControllerError
 from edgefleet.controller.mosquitto import BrokerError
 from edgefleet.controller.mqtt import MqttClient
 from edgefleet.controller.store import ArtifactStore
+from edgefleet.controller.views import fleet_line
+
+if TYPE_CHECKING:
+    from edgefleet.controller.app import ControllerApp
 
 __all__ = ["broker_app", "deploy", "serve"]
 
@@ -221,6 +227,12 @@ def serve(
             help="seconds between two checks of the recompression triggers (default: the setting, 5)",
         ),
     ] = None,
+    progress_every: Annotated[
+        float,
+        typer.Option(
+            "--progress-every", min=0.0, help="seconds between fleet summary lines, printed when they change (0: none)"
+        ),
+    ] = 30.0,
 ) -> None:
     """Run the controller (MQTT service, rollouts, recompression loop, metrics endpoint) until SIGINT or SIGTERM."""
     from dataclasses import replace
@@ -243,12 +255,31 @@ def serve(
         f"metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics"
     )
     typer.echo(app.recompression_status())
+    stop = threading.Event()
+    if progress_every > 0:
+        threading.Thread(
+            target=_summaries, args=(app, settings.fleet, progress_every, stop), name="serve-progress", daemon=True
+        ).start()
     try:
-        _wait_for_signal(threading.Event())
+        _wait_for_signal(stop)
     finally:
+        stop.set()
         app.stop()
     lock.close()
     typer.echo(f"stopped; {app.service.stats()['recorded_messages']} telemetry message(s) recorded")
+
+
+def _summaries(app: ControllerApp, fleet: str, every: float, stop: threading.Event) -> None:
+    """A fleet summary line every `every` seconds when it changed (a log that says what the controller sees)."""
+    last = ""
+    while not stop.wait(every):
+        try:
+            line = fleet_line(app.db, fleet)
+        except ControllerError as exc:  # a busy database: say so, try again next time
+            line = f"fleet {fleet}: cannot read the registry ({exc})"
+        if line != last:
+            typer.echo(f"{time.strftime('%H:%M:%S')} {line}")
+            last = line
 
 
 def _serve_lock(home: Path) -> TextIO:

@@ -138,17 +138,26 @@ def run_plan(
     from edgefleet.compression.planner import PlanOptions
     from edgefleet.compression.planner import plan as make_plan
 
+    options = PlanOptions(time_budget_s=time_budget)
+    the_cache = PlanCache(cache_dir) if cache_dir is not None else None
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a file or a pipe: a line per stage (a bar would vanish)
+        last = [""]
+
+        def line(done: int, total: int, what: str) -> None:
+            if what != last[0]:
+                last[0] = what
+                typer.echo(f"{profile.name}: {what} ({done}/{total})", err=True)
+
+        return make_plan(the_model, task, profile, options=options, cache=the_cache, progress=line)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
         job = bar.add_task(f"planning for {profile.name}", total=1)
 
         def progress(done: int, total: int, what: str) -> None:
             bar.update(job, completed=done, total=total, description=f"{profile.name}: {what}"[:70])
 
-        return make_plan(
-            the_model, task, profile, options=PlanOptions(time_budget_s=time_budget),
-            cache=PlanCache(cache_dir) if cache_dir is not None else None, progress=progress,
-        )  # fmt: skip
+        return make_plan(the_model, task, profile, options=options, cache=the_cache, progress=progress)
 
 
 def plan(

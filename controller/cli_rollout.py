@@ -1,8 +1,9 @@
 """`edgefleet rollout start|status|list|pause|resume|abort`: gated rollouts from the command line.
 
 These verbs change the registry only; the serving controller's rollout engine sends the commands on its next step.
-`status --watch` redraws a live view (waves with progress bars, devices per state, gates against thresholds) until
-the rollout ends or Ctrl-C.
+`status --watch` redraws a live view (waves with progress bars, devices per state, gates against thresholds) on a
+terminal, and prints a line whenever something changes when its output goes to a file or a pipe; it returns when
+nothing is left to wait for (the rollout ended, or it is paused with no device in flight) or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ rollout_app = typer.Typer(help="Roll an artifact out in waves, gated on the mode
 
 FINAL_ROLLOUT_STATES = {"aborted", "completed"}
 _GOOD = {"active"}  # a rolled-back device is not on the rollout's model: it shows under "other"
-# `rollout status` exits with the outcome: 0 completed (or, without --watch, still under way), 3 aborted.
+# `rollout status` exits with the outcome: 0 completed (or, without --watch, still under way), 3 aborted,
+# 4 paused (waiting for `rollout resume` or `abort`).
 EXIT_ABORTED = 3
+EXIT_PAUSED = 4
 _BAD = {"failed", "timed_out", "rollback_failed"}
 
 
@@ -158,24 +161,65 @@ def status(
         Console().print(render(view))
     if view["state"] == "aborted":
         raise typer.Exit(EXIT_ABORTED)
+    if view["state"] == "paused":
+        if watch and not as_json:
+            typer.echo(f"paused: `edgefleet rollout resume {rid}` goes on, `edgefleet rollout abort {rid}` stops it")
+        raise typer.Exit(EXIT_PAUSED)
+
+
+def _settled(view: dict[str, Any]) -> bool:
+    """Nothing left to wait for: the rollout ended, or it is paused (an operator decides) with no device in flight."""
+    if view["unfinished_devices"]:
+        return False
+    return view["state"] in FINAL_ROLLOUT_STATES or view["state"] == "paused"
 
 
 def _watch(rollouts: Rollouts, rid: int, *, interval: float, as_json: bool) -> dict[str, Any]:
-    """Redraw until the rollout is final and no device is left to wait for; the last view."""
+    """Redraw until nothing is left to wait for (see `_settled`); the last view."""
     view = describe(rollouts.db, rid)
     if as_json:  # one JSON document per line
         while True:
             typer.echo(json.dumps(to_jsonable(view), sort_keys=True))
-            if view["state"] in FINAL_ROLLOUT_STATES and not view["unfinished_devices"]:
+            if _settled(view):
                 return view
             time.sleep(interval)
             view = describe(rollouts.db, rid)
-    with Live(render(view), refresh_per_second=4, transient=False) as live:
-        while view["state"] not in FINAL_ROLLOUT_STATES or view["unfinished_devices"]:
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: a line per change, then the full view once
+        last = ""
+        while True:
+            line = status_line(view)
+            if line != last:
+                typer.echo(f"{time.strftime('%H:%M:%S')} {line}")
+                last = line
+            if _settled(view):
+                console.print(render(view))
+                return view
+            time.sleep(interval)
+            view = describe(rollouts.db, rid)
+    with Live(render(view), console=console, refresh_per_second=4, transient=False) as live:
+        while not _settled(view):
             time.sleep(interval)
             view = describe(rollouts.db, rid)
             live.update(render(view))
     return view
+
+
+def status_line(view: dict[str, Any]) -> str:
+    """The view in one line: state, wave, devices per state, each gate (what a log or a pipe gets)."""
+    wave = max(view["current_wave"], 0) + 1
+    totals = ", ".join(f"{state} {n}" for state, n in view["totals"].items()) or "no device yet"
+    gates = "; ".join(
+        f"{g['name']} {g['status']}"
+        + (f" {_gate_number(g['name'], g['value'])}" if g["value"] is not None else "")
+        + (f" vs {_gate_number(g['name'], g['threshold'])}" if g["threshold"] is not None else "")
+        + (f" ({g['detail']})" if g["detail"] else "")
+        for g in view["gates"]
+    )
+    line = (
+        f"rollout {view['id']} {view['state']}, wave {wave}/{view['wave_count']}, {view['targets']} target(s): {totals}"
+    )
+    return f"{line}; gates: {gates}" if gates else line
 
 
 def render(view: dict[str, Any]) -> RenderableType:
@@ -220,6 +264,7 @@ def render(view: dict[str, Any]) -> RenderableType:
     parts.append(gates if view["gates"] else "(gates are judged once the canary is out)")
     if view["breach"]:
         parts.append(_breach_line(view["breach"]))
+    parts.extend(f"{n['device']} ({n['state']}): {n['detail']}" for n in view.get("device_notes", []))
     if view["accuracy_floor_source"]:
         parts.append(f"accuracy floor: {view['accuracy_floor_source']}")
     return Group(*parts)

@@ -46,6 +46,7 @@ def load_model_source(
     from edgefleet.compression.examples import train_example
 
     if example is not None:
+        typer.echo(f"training the {example.value} example (under a minute on two cores)...", err=True)
         return train_example(example.value, epochs=epochs)
     if data is None:
         raise typer.BadParameter("--data data.npz is required with --model or --onnx", param_hint="--data")

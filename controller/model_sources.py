@@ -7,16 +7,18 @@ Example::
 
     onnx_bytes, source = example_onnx("digits")            # trains the shipped example, exports it
     onnx_bytes, source = torch_onnx("pkg.models:make", Path("data.npz"))
+    npz_bytes, count = held_out_npz(example="digits")     # held-out `x`, `y` for `simulate --dataset`
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 from edgefleet.controller.errors import ControllerError, UnavailableError
 
-__all__ = ["example_onnx", "torch_onnx"]
+__all__ = ["example_onnx", "held_out_npz", "torch_onnx"]
 
 
 def _engine() -> tuple[Any, Any]:
@@ -62,3 +64,31 @@ def torch_onnx(factory: str, data_path: Path) -> tuple[bytes, str]:
     except _compression_error() as exc:
         raise ControllerError(f"torch model {factory}: {exc}") from exc
     return data, f"torch:{factory}"
+
+
+def held_out_npz(*, example: str | None = None, data: Path | None = None) -> tuple[bytes, int]:
+    """The held-out split (`x_val`, `y_val`) of an example's or an `.npz`'s data as an `.npz` of `x` and `y`.
+
+    That is what `edgefleet-agent simulate --dataset` replays: labelled inputs, so the accuracy gate has samples.
+    Returns the file's bytes and the number of samples.
+    """
+    import numpy as np
+
+    examples, _ = _engine()
+    from edgefleet.compression import load_npz
+
+    try:
+        if example is not None:
+            known = [e.value for e in examples.Example]
+            if example not in known:
+                raise ControllerError(f"no shipped example {example!r}: choose one of {', '.join(known)}")
+            task = examples.EXAMPLES[examples.Example(example)].task()
+        elif data is not None:
+            task = load_npz(data)
+        else:
+            raise ControllerError("give --example NAME or --data FILE.npz")
+    except _compression_error() as exc:
+        raise ControllerError(str(exc)) from exc
+    buffer = io.BytesIO()
+    np.savez(buffer, x=task.x_val, y=task.y_val)
+    return buffer.getvalue(), len(task.y_val)

@@ -320,7 +320,13 @@ class MqttClient:
             if not answered:
                 raise MqttError(f"MQTT broker {self.host}:{self.port} did not answer within {timeout:g}s")
             if not (self._unsupported and mqtt5 and self.protocol == "auto"):
-                raise MqttError(f"MQTT broker {self.host}:{self.port} refused the connection: {self._refusal}")
+                hint = ""
+                if self.username is None:
+                    hint = (
+                        " (no MQTT login given: run `edgefleet broker config` before the first `serve` so the "
+                        "controller has its broker account, or set mqtt_username/mqtt_password)"
+                    )
+                raise MqttError(f"MQTT broker {self.host}:{self.port} refused the connection: {self._refusal}{hint}")
             log.info("broker %s:%s does not speak MQTT 5; using 3.1.1", self.host, self.port)
 
     @property

@@ -42,7 +42,7 @@ from edgefleet.controller.rollout_plan import (
     WavePlan,
 )
 from edgefleet.controller.rollout_sync import sync_rows
-from edgefleet.controller.rollouts import audit, matching_devices
+from edgefleet.controller.rollouts import audit, keep_without_rollback, matching_devices
 from edgefleet.controller.tables import Artifact, DeploymentJob, Device, Rollout, RolloutDevice, utcnow
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.commands import DeployCommand, RollbackCommand, expiry_seconds
@@ -239,13 +239,15 @@ class RolloutEngine:
             report.jobs_created += 1
 
     def _new_rollback_job(self, session: Session, rollout: Rollout, row: RolloutDevice, now: dt.datetime) -> None:
-        previous = None
-        if row.previous_version is not None:
-            previous = session.exec(
-                select(Artifact.id).where(
-                    Artifact.class_name == rollout.class_name, Artifact.version == row.previous_version
-                )
-            ).first()
+        """The rollback job of an aborted rollout's updated device (a first model has none: `keep_without_rollback`)."""
+        if row.previous_version is None:
+            keep_without_rollback(session, rollout, row, now=now)
+            return
+        previous = session.exec(
+            select(Artifact.id).where(
+                Artifact.class_name == rollout.class_name, Artifact.version == row.previous_version
+            )
+        ).first()
         job_id = uuid.uuid4().hex
         session.add(
             DeploymentJob(

@@ -79,6 +79,8 @@ class Evidence:
     correct: int = 0
     labelled_devices: int = 0
     counts: list[int] = dataclasses.field(default_factory=lambda: [0] * _NBUCKETS)
+    reporting: set[str] = dataclasses.field(default_factory=set)  # devices with inferences or errors
+    labelled_by: set[str] = dataclasses.field(default_factory=set)  # devices with labelled samples
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,8 +128,7 @@ def collect_evidence(
     evidence = Evidence()
     if not device_ids:
         return evidence
-    reporting: set[str] = set()
-    labelled_by: set[str] = set()
+    reporting, labelled_by = evidence.reporting, evidence.labelled_by
     for row in _rows(session, class_name=class_name, version=version, since=since, device_ids=device_ids):
         evidence.inferences += row.inferences
         evidence.errors += row.errors

@@ -11,13 +11,14 @@ import dataclasses
 import datetime as dt
 import json
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from edgefleet.controller.registry import profile_of
 from edgefleet.controller.rollout_gates import (
     BREACH,
     PASS,
     WAITING,
+    Evidence,
     GateResult,
     Outcomes,
     accuracy_of_version,
@@ -27,13 +28,15 @@ from edgefleet.controller.rollout_gates import (
 )
 from edgefleet.controller.rollout_plan import DONE_ROW_STATES, GateConfig, RolloutState, RowState
 from edgefleet.controller.rollouts import abort_in_session, audit
-from edgefleet.controller.tables import Artifact, DeviceClass, Rollout, RolloutDevice
+from edgefleet.controller.tables import Artifact, Device, DeviceClass, Rollout, RolloutDevice
 
 __all__ = ["judge_rollout"]
 
 BASELINE_WINDOW = dt.timedelta(hours=24)
 _TELEMETRY_GATES = frozenset({"accuracy", "latency_p95", "error_rate"})
 _FAILED_ROWS = frozenset({RowState.FAILED, RowState.TIMED_OUT, RowState.ROLLED_BACK})
+# A device whose last telemetry is older than this "sends no telemetry" (a window is 60 s by default).
+_STALE_TELEMETRY_S = 180.0
 
 
 def judge_rollout(session: Session, rollout_id: int, *, now: dt.datetime, actor: str) -> bool:
@@ -119,6 +122,7 @@ def _verdicts(
         accuracy_floor=floor,
     )
     results = _await_wave(session, results, rollout, rows, gates=gates, artifact=artifact, since=since)
+    results = _explain_waits(session, results, rows, evidence, version=artifact.version, now=now)
     return _starved(results, rollout, rows, gates, now=now), source
 
 
@@ -147,6 +151,103 @@ def _await_wave(
         dataclasses.replace(r, status=WAITING, detail=detail) if r.status == PASS and r.name in _TELEMETRY_GATES else r
         for r in results
     ]
+
+
+_SHOWN_IDS = 3
+_IN_FLIGHT = frozenset({RowState.PENDING, RowState.IN_PROGRESS})
+
+
+def _explain_waits(
+    session: Session,
+    results: list[GateResult],
+    rows: list[RolloutDevice],
+    evidence: Evidence,
+    *,
+    version: int,
+    now: dt.datetime,
+) -> list[GateResult]:
+    """A waiting telemetry gate names the devices it waits for and why they are silent (an operator can act)."""
+    waiting = [r for r in results if r.status == WAITING and r.name in _TELEMETRY_GATES]
+    if not waiting:
+        return results
+    devices = {
+        d.id: d for d in session.exec(select(Device).where(col(Device.id).in_([r.device_id for r in rows]))).all()
+    }
+    notes = {
+        name: _silence(rows, devices, evidence, labels=name == "accuracy", version=version, now=now)
+        for name in {r.name for r in waiting}
+    }
+    return [
+        dataclasses.replace(r, detail=f"{r.detail}; {notes[r.name]}") if r in waiting and notes[r.name] else r
+        for r in results
+    ]
+
+
+def _silence(
+    rows: list[RolloutDevice],
+    devices: dict[str, Device],
+    evidence: Evidence,
+    *,
+    labels: bool,
+    version: int,
+    now: dt.datetime,
+) -> str:
+    reasons: dict[str, list[str]] = {}
+    for row in sorted(rows, key=lambda r: r.device_id):
+        device = devices.get(row.device_id)
+        reason = _why_silent(row, device, evidence, labels=labels, version=version, now=now)
+        if reason:
+            reasons.setdefault(reason, []).append(row.device_id)
+    return "; ".join(f"{len(ids)} {why}: {_ids(ids)}" for why, ids in reasons.items())
+
+
+def _why_silent(
+    row: RolloutDevice,
+    device: Device | None,
+    evidence: Evidence,
+    *,
+    labels: bool,
+    version: int,
+    now: dt.datetime,
+) -> str | None:
+    if row.state in _IN_FLIGHT:
+        return _why_in_flight(device, version=version)
+    if row.state != RowState.ACTIVE:
+        return None
+    if device is not None and not device.online:
+        return "offline"
+    if row.device_id not in evidence.reporting:
+        return _why_no_inferences(row, device, version=version, now=now)
+    if labels and row.device_id not in evidence.labelled_by:
+        return "inferring without labels (the application reports none; a simulated device needs --dataset)"
+    return None
+
+
+def _why_no_inferences(row: RolloutDevice, device: Device | None, *, version: int, now: dt.datetime) -> str:
+    seen = _aware(device.last_telemetry_at) if device is not None and device.last_telemetry_at else None
+    switched = _aware(row.finished_at) if row.finished_at is not None else None
+    if seen is not None and (switched is None or seen >= switched):
+        return f"online, not inferring on v{version}"  # telemetry came since it switched, with no inference
+    if switched is not None and (now - switched).total_seconds() <= _STALE_TELEMETRY_S:
+        return f"on v{version} since {switched:%H:%M:%S} UTC, its first telemetry window not in yet"
+    return "online, sending no telemetry"
+
+
+def _why_in_flight(device: Device | None, *, version: int) -> str:
+    if device is not None and device.first_seen is None:
+        return "never connected (check the device's fleet, broker address and password)"
+    if device is not None and not device.online:
+        return f"offline, v{version} not installed yet"
+    return f"installing v{version}"
+
+
+def _aware(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def _ids(ids: list[str]) -> str:
+    shown = ", ".join(ids[:_SHOWN_IDS])
+    return f"{shown} and {len(ids) - _SHOWN_IDS} more" if len(ids) > _SHOWN_IDS else shown
 
 
 def _starved(

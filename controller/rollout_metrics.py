@@ -46,6 +46,7 @@ _OUTCOME = {
     RowState.ROLLING_BACK: "active",
     RowState.FAILED: "failed",
     RowState.ROLLBACK_FAILED: "failed",
+    RowState.NO_PREVIOUS_MODEL: "active",  # an aborted first model: nothing to go back to, the device keeps it
     RowState.TIMED_OUT: "timed_out",
     RowState.ROLLED_BACK: "rolled_back",
 }

@@ -61,11 +61,14 @@ class RowState(StrEnum):
     ROLLBACK_PENDING = "rollback_pending"  # the rollout was aborted; a rollback job is to be sent
     ROLLING_BACK = "rolling_back"
     ROLLBACK_FAILED = "rollback_failed"
+    # The rollout was aborted but the device had no model before it (or its previous slot is gone): there is
+    # nothing to go back to, so it keeps running the rollout's model. Final; `detail` says which version it keeps.
+    NO_PREVIOUS_MODEL = "no_previous_model"
 
 
 FINAL_ROW_STATES = frozenset(
     {RowState.ACTIVE, RowState.FAILED, RowState.TIMED_OUT, RowState.ROLLED_BACK, RowState.CANCELLED,
-     RowState.ROLLBACK_FAILED}
+     RowState.ROLLBACK_FAILED, RowState.NO_PREVIOUS_MODEL}
 )  # fmt: skip
 # A wave is done when each of its devices reached one of these (the deploy job ended, one way or the other).
 DONE_ROW_STATES = frozenset({RowState.ACTIVE, RowState.FAILED, RowState.TIMED_OUT, RowState.ROLLED_BACK})

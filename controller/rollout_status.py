@@ -1,6 +1,7 @@
 """A rollout as operators and dashboards see it: waves, devices per state, gates against thresholds, the breach.
 
 `describe` returns plain JSON-ready data; the CLI renders it as tables and progress bars, `--json` prints it.
+`device_notes` says, per device, why it ended off the plan (failed, timed out, rolled back, nothing to go back to).
 
 Example::
 
@@ -18,11 +19,17 @@ from sqlmodel import Session, select
 
 from edgefleet.controller.db import Database
 from edgefleet.controller.errors import NotFoundError
-from edgefleet.controller.rollout_plan import FINAL_ROW_STATES, LATE_WAVE, GateConfig, Selector, WavePlan
+from edgefleet.controller.rollout_plan import FINAL_ROW_STATES, LATE_WAVE, GateConfig, RowState, Selector, WavePlan
 from edgefleet.controller.rollouts import matching_devices
 from edgefleet.controller.tables import Artifact, Rollout, RolloutDevice
 
 __all__ = ["describe", "describe_in_session", "summary_row", "wave_label"]
+
+MAX_NOTES = 20
+# Rows whose detail explains an outcome off the plan (cancelled rows all say the same: the abort).
+NOTED_ROW_STATES = frozenset(
+    {RowState.FAILED, RowState.TIMED_OUT, RowState.ROLLED_BACK, RowState.ROLLBACK_FAILED, RowState.NO_PREVIOUS_MODEL}
+)
 
 
 def wave_label(wave: int) -> str:
@@ -77,6 +84,7 @@ def describe_in_session(session: Session, rollout_id: int) -> dict[str, Any]:
         ],
         "totals": dict(sorted(Counter(r.state for r in rows).items())),
         "unfinished_devices": sum(1 for r in rows if r.state not in FINAL_ROW_STATES),
+        "device_notes": _notes(rows),
         "gates": results.get("gates", []),
         "accuracy_floor_source": results.get("accuracy_floor_source"),
         "breach": json.loads(rollout.breach_json) if rollout.breach_json else None,
@@ -84,6 +92,16 @@ def describe_in_session(session: Session, rollout_id: int) -> dict[str, Any]:
         "updated_at": rollout.updated_at.isoformat(),
         "finished_at": rollout.finished_at.isoformat() if rollout.finished_at else None,
     }
+
+
+def _notes(rows: list[RolloutDevice]) -> list[dict[str, Any]]:
+    """Why devices ended off the plan, in words (the first `MAX_NOTES` by device id; `totals` counts them all).
+
+    e.g. {"device": "pi-007", "wave": 0, "state": "no_previous_model",
+    "detail": "no previous model: the device keeps v1 (it ran no model before this rollout)"}
+    """
+    noted = sorted((r for r in rows if r.state in NOTED_ROW_STATES and r.detail), key=lambda r: r.device_id)
+    return [{"device": r.device_id, "wave": r.wave, "state": r.state, "detail": r.detail} for r in noted[:MAX_NOTES]]
 
 
 def summary_row(rollout: Rollout, artifact: Artifact | None) -> dict[str, Any]:

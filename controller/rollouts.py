@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,9 +35,26 @@ from edgefleet.controller.rollout_plan import (
     Selector,
     WavePlan,
 )
-from edgefleet.controller.tables import Artifact, AuditEntry, Device, DeviceClass, Rollout, RolloutDevice, utcnow
+from edgefleet.controller.tables import (
+    Artifact,
+    AuditEntry,
+    DeploymentJob,
+    Device,
+    DeviceClass,
+    Rollout,
+    RolloutDevice,
+    utcnow,
+)
+from edgefleet.protocols.codes import JobState, ResultCode
 
-__all__ = ["Rollouts", "abort_in_session", "class_current_version", "lock_class", "matching_devices"]
+__all__ = [
+    "Rollouts",
+    "abort_in_session",
+    "class_current_version",
+    "keep_without_rollback",
+    "lock_class",
+    "matching_devices",
+]
 
 LIVE_STATES = (RolloutState.PENDING, RolloutState.RUNNING, RolloutState.PAUSED)
 
@@ -90,7 +108,11 @@ def lock_class(session: Session, class_name: str) -> None:
 
 
 def abort_in_session(session: Session, rollout: Rollout, *, now: dt.datetime, actor: str, reason: str) -> int:
-    """Mark the rollout aborted: unsent devices are cancelled, updated ones get a rollback. Returns rollbacks due."""
+    """Mark the rollout aborted: unsent devices are cancelled, updated ones get a rollback. Returns rollbacks due.
+
+    An updated device that ran no model before the rollout has nothing to go back to: its row ends at once
+    (`keep_without_rollback`) and it is not counted as a rollback due.
+    """
     rollout.state = RolloutState.ABORTED.value
     rollout.updated_at = now
     rollout.finished_at = now
@@ -99,6 +121,9 @@ def abort_in_session(session: Session, rollout: Rollout, *, now: dt.datetime, ac
     for row in rows:
         if row.state == RowState.PENDING:
             row.state, row.finished_at, row.detail = RowState.CANCELLED.value, now, "rollout aborted before sending"
+        elif row.state == RowState.ACTIVE and row.previous_version is None:
+            keep_without_rollback(session, rollout, row, now=now)
+            continue
         elif row.state == RowState.ACTIVE:
             row.state = RowState.ROLLBACK_PENDING.value
             rollbacks += 1
@@ -108,6 +133,38 @@ def abort_in_session(session: Session, rollout: Rollout, *, now: dt.datetime, ac
     session.add(rollout)
     audit(session, actor=actor, action="rollout.abort", rollout=rollout, now=now, reason=reason, rollbacks=rollbacks)
     return rollbacks
+
+
+def keep_without_rollback(session: Session, rollout: Rollout, row: RolloutDevice, *, now: dt.datetime) -> None:
+    """End an aborted rollout's row whose device ran no model before it: there is no model to go back to.
+
+    The device has no previous slot, so a rollback command could only come back `no_previous_model` (or, from an
+    offline device, never, holding the rollout unfinished until its device timeout). Its rollback job is recorded
+    closed, never sent, with result `no_previous_model` and the reason in words (so `device show` says it too);
+    the row ends `no_previous_model`: the device keeps running the rollout's model.
+    """
+    artifact = session.get(Artifact, rollout.artifact_id)
+    version = f"v{artifact.version}" if artifact is not None else "the rollout's model"
+    job_id = uuid.uuid4().hex
+    session.add(
+        DeploymentJob(
+            id=job_id,
+            device_id=row.device_id,
+            artifact_id=rollout.artifact_id,
+            state=JobState.FAILED.value,
+            result_code=ResultCode.NO_PREVIOUS_MODEL.name.lower(),
+            detail=(
+                f"rollback (rollout {rollout.id}) not sent: no previous model to go back to, the device ran no "
+                f"model before {version}; it keeps running {version}"
+            ),
+            created_at=now,
+            updated_at=now,
+            finished_at=now,
+        )
+    )
+    row.rollback_job_id, row.state, row.finished_at = job_id, RowState.NO_PREVIOUS_MODEL.value, now
+    row.detail = f"no previous model: the device keeps {version} (it ran no model before this rollout)"
+    session.add(row)
 
 
 class Rollouts:

@@ -1,4 +1,5 @@
-"""Read-only views the CLI shows: one device with its jobs and latest telemetry, artifact summaries."""
+"""Read-only views the CLI shows: one device with its jobs and latest telemetry, artifact summaries, and the one-line
+fleet summary `edgefleet serve` prints while it runs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,35 @@ from typing import Any
 
 from sqlmodel import col, select
 
+from edgefleet.controller.db import Database
 from edgefleet.controller.registry import Registry
-from edgefleet.controller.tables import DeploymentJob, TelemetryRollup
+from edgefleet.controller.rollout_plan import RolloutState
+from edgefleet.controller.tables import DeploymentJob, Device, Rollout, TelemetryRollup
 
-__all__ = ["device_detail", "job_row"]
+__all__ = ["device_detail", "fleet_line", "job_row"]
+
+_LIVE = [RolloutState.PENDING.value, RolloutState.RUNNING.value, RolloutState.PAUSED.value]
+
+
+def fleet_line(db: Database, fleet: str) -> str:
+    """Devices online per class and the model versions they run, and live rollouts, in one line."""
+    from collections import Counter
+
+    with db.reading("summarizing the fleet") as session:
+        devices = session.exec(select(Device).where(Device.fleet == fleet)).all()
+        live = session.exec(select(Rollout).where(col(Rollout.state).in_(_LIVE))).all()
+        states = Counter(r.state for r in live)
+    if not devices:
+        return f"fleet {fleet}: no device registered yet (`edgefleet device register`)"
+    parts = []
+    for class_name in sorted({d.class_name for d in devices}):
+        members = [d for d in devices if d.class_name == class_name]
+        online = sum(d.online for d in members)
+        versions = Counter(f"v{d.model_version}" if d.model_version is not None else "no model" for d in members)
+        running = ", ".join(f"{v} on {n}" for v, n in sorted(versions.items()))
+        parts.append(f"{class_name} {online}/{len(members)} online ({running})")
+    rollouts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none live"
+    return f"fleet {fleet}: {'; '.join(parts)}; rollouts: {rollouts}"
 
 
 def job_row(job: DeploymentJob) -> dict[str, Any]:

@@ -11,7 +11,11 @@ class ResultCode(IntEnum):
     """Why a job ended the way it did; sent as a plain integer in `JobEvent.result`.
 
     LwM2M's firmware object numbers its results from 1 = success; here 0 is ok so that "no error" is falsy.
-    Codes are append-only: a number never changes meaning.
+    Codes are append-only: a number never changes meaning. A reader that does not know a number (an older
+    controller) rejects the event as any message that does not parse: counted, dropped, never a crash.
+
+    `NO_PREVIOUS_MODEL` (18) answers a rollback with nothing to go back to (a device's first model, or a previous
+    slot without the version asked for): the job fails and the device keeps running the model it has.
     """
 
     OK = 0
@@ -32,6 +36,7 @@ class ResultCode(IntEnum):
     INVALID_MESSAGE = 15
     TIMEOUT = 16
     INTERNAL_ERROR = 17
+    NO_PREVIOUS_MODEL = 18
 
 
 class JobState(StrEnum):

@@ -150,3 +150,42 @@ def test_agent_and_controller_default_to_the_same_fleet() -> None:
     fields = Settings.__dataclass_fields__
     assert fields["fleet"].default == DEFAULT_FLEET
     assert fields["mqtt_port"].default == DEFAULT_PORT
+
+
+def test_help_shows_every_default(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["simulate", "--help"])
+    assert exited.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "inferences per second per inferring device (default: 1.0)" in shown
+    assert "seconds per telemetry window (default: 10.0)" in shown
+    assert "log detail (default: info)" in shown
+    assert "(default: the credentials file's, else 127.0.0.1)" in shown  # said once, not twice
+
+
+@pytest.mark.mqtt
+def test_run_takes_password_fleet_host_and_port_from_its_credentials_row(
+    tmp_path: Path, mqtt_broker: Any, capsys: Any
+) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = mqtt_broker.host, mqtt_broker.port
+    fleet = f"plant{tmp_path.name[-6:]}".replace("_", "")
+    creds = _credentials(tmp_path / "line3.csv", [(fleet, host, str(port))] * 2)
+    seen: list[str] = []
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{fleet}")
+    watcher.on_message = lambda c, u, m: seen.append(m.topic)
+    watcher.connect(host, port)
+    watcher.subscribe(f"edgefleet/v1/{fleet}/device/+/status", qos=1)
+    watcher.loop_start()
+    try:
+        args = ["run", "--device", "d-1", "--credentials", str(creds), "--class", str(_box_profile(tmp_path))]
+        assert main([*args, "--data-dir", str(tmp_path / "dev"), "--duration", "1.5"]) == 0
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+    assert f"edgefleet/v1/{fleet}/device/d-1/status" in seen
+    missing = ["run", "--device", "d-9", "--credentials", str(creds), "--class", str(_box_profile(tmp_path))]
+    assert main(missing) == 1
+    assert "holds no row for device 'd-9'" in capsys.readouterr().err

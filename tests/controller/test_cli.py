@@ -216,3 +216,41 @@ def test_artifact_add_with_validation_samples(ready, tiny_onnx: Path, tmp_path: 
     assert len(ready.json("artifact", "list", "--class", "rpi4")) == 3  # nothing stored by the failures
     assert ready.json("artifact", "add", "tiny", "--class", "rpi4")["version"] == 4
     assert ready("artifact", "add", "tiny", "--class", "rpi4", "--validation").exit_code == 2  # usage error
+
+
+def test_help_shows_environment_variables_and_brackets(cli) -> None:
+    shown = cli.ok("--help")
+    for name in ("EDGEFLEET_HOME", "EDGEFLEET_CONFIG", "EDGEFLEET_MQTT_PORT", "EDGEFLEET_DATABASE_URL"):
+        assert name in shown, name
+    assert "[policy]" in cli.ok("class", "add", "--help")  # not swallowed as markup
+    assert "[policy]" in cli.ok("serve", "--help")
+
+
+def test_class_add_says_when_the_profile_is_renamed(ready, profiles: Path) -> None:
+    said = ready.ok("class", "add", "raspberry", "--profile", str(profiles / "rpi4.toml"))
+    assert "the profile calls itself 'rpi4'; here it is class 'raspberry'" in said
+    same = ready.ok("class", "add", "rpi4b", "--profile", str(profiles / "rpi4.toml"))
+    assert "calls itself 'rpi4'" in same
+    assert "calls itself" not in ready.ok("class", "update", "rpi4", "--profile", str(profiles / "rpi4.toml"))
+
+
+def test_model_samples_writes_labelled_held_out_data(ready, tmp_path: Path) -> None:
+    import numpy as np
+
+    out = tmp_path / "val.npz"
+    said = ready.ok("model", "samples", "--example", "digits", "--out", str(out))
+    assert "--dataset" in said
+    with np.load(out) as data:
+        assert data["x"].shape[0] == data["y"].shape[0] > 100
+    again = ready("model", "samples", "--example", "digits", "--out", str(out))
+    assert again.exit_code == 1
+    assert "exists already" in again.output
+    text = tmp_path / "notes.txt"
+    text.write_text("not numpy\n")
+    broken = ready("model", "samples", "--data", str(text), "--out", str(tmp_path / "b.npz"))
+    assert broken.exit_code == 1
+    assert "not an .npz file" in broken.output
+    assert not (tmp_path / "b.npz").exists()
+    neither = ready("model", "samples", "--out", str(tmp_path / "c.npz"))
+    assert neither.exit_code == 1
+    assert "exactly one of" in neither.output

@@ -469,3 +469,43 @@ def test_waves_wait_for_their_own_telemetry_and_for_an_online_canary(field: Call
     f.telemetry(wave1)
     f.tick(1)
     assert f.rollout(rid).current_wave == 2
+
+
+def test_a_waiting_gate_names_the_silent_devices_and_why(field: Callable[..., Field]) -> None:
+    f = field(4)
+    with f.db.transaction() as session:
+        for device in session.exec(select(Device)).all():
+            device.first_seen = f.now
+            session.add(device)
+    rid = start(f, plan=WavePlan(canary="4", growth=2, max_concurrent=10, device_timeout_s=600),
+                gates=FAST_GATES.model_copy(update={"min_devices": 3}))  # fmt: skip
+    f.tick(1)
+    f.tick(1)
+    assert wait_for(lambda: all(f.inbox[d] for d in f.ids))
+    for device_id in ("pi-00", "pi-01", "pi-02"):
+        f.answer(device_id, "active")
+    f.telemetry(["pi-00"])  # infers with labels
+    f.telemetry(["pi-01"], labelled=0, correct=0)  # infers, no labels
+    f.set_devices(["pi-02"], online=False)  # went offline after installing
+    f.tick(1)
+    gates = {g["name"]: g for g in json.loads(f.rollout(rid).gate_results_json)["gates"]}
+    accuracy, latency = gates["accuracy"], gates["latency_p95"]
+    assert accuracy["status"] == latency["status"] == "waiting"
+    assert "1 inferring without labels" in accuracy["detail"]
+    assert "a simulated device needs --dataset): pi-01" in accuracy["detail"]
+    assert "1 offline: pi-02" in accuracy["detail"]
+    assert "1 offline: pi-02" in latency["detail"]
+    assert "pi-01" not in latency["detail"]  # it reports inferences: the latency gate has its samples
+    assert "installing v2: pi-03" in latency["detail"]  # it got its command, has not answered
+    f.set_devices(["pi-03"], online=False)
+    f.tick(1)
+    latency = next(g for g in json.loads(f.rollout(rid).gate_results_json)["gates"] if g["name"] == "latency_p95")
+    assert "offline, v2 not installed yet: pi-03" in latency["detail"]
+    with f.db.transaction() as session:
+        device = session.get(Device, "pi-03")
+        assert device is not None
+        device.first_seen = None
+        session.add(device)
+    f.tick(1)
+    latency = next(g for g in json.loads(f.rollout(rid).gate_results_json)["gates"] if g["name"] == "latency_p95")
+    assert "never connected (check the device's fleet, broker address and password): pi-03" in latency["detail"]

@@ -19,7 +19,9 @@ The story, from a fresh clone:
    - a second artifact for another class (`bad_class`) whose labels are swapped (its accuracy collapses, yet it
      agrees with its own validation samples, so the devices accept it): the canary's accuracy gate stops it and
      the rollout is aborted, the canary devices rolled back.
-5. `duration_s` seconds of the fleet running as it now is, then a summary table per class (and `--json`).
+5. `duration_s` seconds of the fleet running as it now is, then a summary table per class (every artifact the
+   registry holds for it, each rollout's outcome and breach), its story, and a verdict per class computed from the
+   numbers shown (and `--json`); a table that disagrees with its story is a problem (exit 1).
 
 Everything it started is stopped by PID at the end, on Ctrl-C or SIGTERM. With `--mqtt-port` it uses that broker
 instead, as its owner configured it (the devices connect to it anonymously).
@@ -48,6 +50,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.spinner import Spinner
 from sqlmodel import col, select
@@ -76,8 +79,13 @@ from edgefleet.controller.demo_models import (
 from edgefleet.controller.demo_report import (
     ClassStory,
     OverviewRow,
+    StoryEvent,
     VersionStory,
     Waiting,
+    breach_sentence,
+    budget_verdict,
+    closing_verdict,
+    disagreements,
     render_overview,
     wait_with_bars,
 )
@@ -93,6 +101,8 @@ from edgefleet.controller.demo_setup import (
 )
 from edgefleet.controller.demo_story import (
     ACCURACY_MARGIN,
+    RolloutOutcome,
+    class_artifacts,
     demo_policy,
     recent,
     recompressions,
@@ -108,11 +118,11 @@ from edgefleet.controller.registry import Registry
 from edgefleet.controller.rollout_status import describe
 from edgefleet.controller.rollouts import Rollouts
 from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import Artifact, DeploymentJob, Device, RolloutDevice
+from edgefleet.controller.tables import Artifact, DeploymentJob, Device, RolloutDevice, utcnow
 from edgefleet.controller.validation_set import ValidationSet
 from edgefleet.protocols.profile import DeviceProfile
 
-__all__ = ["Demo", "DemoOptions", "DemoSummary"]
+__all__ = ["ALLOWED_FAILURES", "Demo", "DemoOptions", "DemoSummary"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +132,7 @@ RECENT_S = 12.0  # the live view's and the summary's "last seconds": three rollu
 VALIDATION_SAMPLES = 16
 PROBATION_S = 30.0  # the agent's probation after a model switch (AgentConfig.probation_s)
 STAGGER_S = 3.0  # between the first rollouts' starts
+RECOVERED_SAMPLES = 60  # inferences of the new version before "recovered" is told (a p95 of fewer is noise)
 ALLOWED_FAILURES = 0.8  # share of a class's devices that must end on its current model (rollout_gates: 0.2 may fail)
 
 
@@ -178,6 +189,7 @@ class DemoSummary:
     problems: list[str]
     stopped: dict[str, Any] = dataclasses.field(default_factory=dict)
     builds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    verdict: list[str] = dataclasses.field(default_factory=list)  # one line per class, then the sum of them
 
     def as_dict(self) -> dict[str, Any]:
         value = dataclasses.asdict(self)
@@ -193,6 +205,7 @@ class _Watch:
     kind: str  # "slow" or "bad"
     done: bool = False
     rollout_id: int | None = None
+    version: int | None = None  # the version that rollout rolls out
     seen: set[str] = dataclasses.field(default_factory=set)
     plant_at: float = 0.0  # monotonic time when the slowdown is planted
     planted: bool = False
@@ -219,11 +232,12 @@ class Demo:
         self.validation: ValidationSet | None = None
         self.floor: dict[str, float] = {}
         self._began = time.monotonic()
+        self._began_utc = utcnow()  # registry times (an artifact's created_at) are placed in the story with it
         self._first_done = time.monotonic()
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> DemoSummary:
-        self._began = time.monotonic()
+        self._began, self._began_utc = time.monotonic(), utcnow()
         finished = False
         try:
             with self._teardown():
@@ -243,8 +257,9 @@ class Demo:
     def _summary(self) -> DemoSummary:
         app = self.app
         metrics = f"http://{app.settings.metrics_host}:{app.settings.metrics_port}/metrics" if app else ""
+        ok, verdict = closing_verdict(list(self.stories.values()), self.problems, share=ALLOWED_FAILURES)
         return DemoSummary(
-            ok=self._all_good(),
+            ok=ok,
             home=str(self.home),
             broker=f"{self.broker.host}:{self.broker.port}",
             broker_auth=self.broker.auth,
@@ -254,17 +269,13 @@ class Demo:
             problems=self.problems,
             stopped=self.stopped,
             builds=list(self.builder.builds) if self.builder is not None else [],
+            verdict=verdict,
         )
 
     def _all_good(self) -> bool:
         """No problem, and every class within its budget on a model that runs on its devices (a rollout's
         failure gate lets up to a fifth of them refuse it: a device whose validation failed keeps what it had)."""
-        stories = list(self.stories.values())
-        return (
-            bool(stories)
-            and not self.problems
-            and all(s.devices_on_current >= ALLOWED_FAILURES * s.devices_total and s.within_budget for s in stories)
-        )
+        return closing_verdict(list(self.stories.values()), self.problems, share=ALLOWED_FAILURES)[0]
 
     def _step(self, name: str, text: str, func: Callable[[], Any]) -> Any:
         began = time.monotonic()
@@ -274,10 +285,27 @@ class Demo:
         self.console.print(f"[green]✓[/] {text} ({time.monotonic() - began:.1f}s)")
         return result
 
-    def _event(self, class_name: str, text: str) -> None:
-        at = time.monotonic() - self._began
-        self.stories[class_name].events.append(f"{at:.0f}s {text}")
-        self.console.print(f"[bold]{at:5.0f}s[/] {class_name}: {text}")
+    def _event(
+        self,
+        class_name: str,
+        text: str,
+        *,
+        version: int | None = None,
+        rollout: RolloutOutcome | None = None,
+        at: float | None = None,
+    ) -> None:
+        """A line of the class's story, with the version and rollout it names (a final state with it) so that
+        `disagreements` can hold the summary's table to it."""
+        at = time.monotonic() - self._began if at is None else at
+        event = StoryEvent(
+            at_s=at,
+            text=text,
+            version=version,
+            rollout_id=rollout.rollout_id if rollout is not None else None,
+            rollout_state=rollout.state if rollout is not None and rollout.final else None,
+        )
+        self.stories[class_name].events.append(event)
+        self.console.print(f"[bold]{at:5.0f}s[/] {class_name}: {escape(text)}")
 
     @property
     def _app(self) -> ControllerApp:
@@ -436,11 +464,11 @@ class Demo:
                 host = model.metrics.get("latency_p95_ms_host", 0.0)
                 ratio, budget = self.stories[name].device_over_host, self.profiles[name].latency_budget_ms
                 slow, device = self.options.slow_factor, host * ratio
-                fits = "within" if device <= budget else "over"
+                _, now = budget_verdict(device, budget)
+                _, later = budget_verdict(device * slow, budget)
                 self.console.print(
                     f"  {name}: {model.recipe_label}, p95 {host:.3f} ms on this host x device/host {ratio:.3g} "
-                    f"(reference workload) = {device:.2f} ms, {fits} its {budget:g} ms budget; "
-                    f"{slow:g}x slower: {device * slow:.2f} ms"
+                    f"(reference workload) = {now}; {slow:g}x slower: {later}"
                 )
         self.seconds["compress"] = round(time.monotonic() - began, 1)
         return built
@@ -502,19 +530,24 @@ class Demo:
             rollouts=lambda: list(rollouts.values()),
         )
         for name, rid in rollouts.items():
-            self._record_rollout(name, rid)
-            outcome = self.stories[name].versions[-1]
-            active = outcome.rollout_devices.get("active", 0)
-            text = f"rollout {rid} {outcome.rollout_state}, {active} active after {outcome.waves_opened} wave(s)"
-            self._event(name, f"v{outcome.version} rolled out: {text}")
+            outcome = self._record_rollout(name, rid)
+            version = self.stories[name].versions[-1].version
+            self._event(name, f"v{version}: {self._rollout_sentence(outcome)}", version=version, rollout=outcome)
             self._refusals(name, rid)
-            if outcome.rollout_state != "completed":
-                self.problems.append(f"{name}: the first rollout ended {outcome.rollout_state}")
+            if outcome.state != "completed":
+                self.problems.append(f"{name}: the first rollout ended {outcome.state}")
         self.seconds["first_rollouts"] = round(time.monotonic() - began, 1)
         self._first_done = time.monotonic()
 
+    @staticmethod
+    def _rollout_sentence(outcome: RolloutOutcome) -> str:
+        """`rollout 1 completed, 10 active after 3 wave(s)`, with the breach when one stopped it."""
+        active = outcome.devices.get("active", 0)
+        text = f"rollout {outcome.rollout_id} {outcome.state}, {active} active after {outcome.waves_opened} wave(s)"
+        return f"{text}; gate breach: {breach_sentence(outcome.breach)}" if outcome.breach is not None else text
+
     def _refusals(self, class_name: str, rollout_id: int) -> None:
-        """An event for the devices of a rollout that did not take its model, with the first reason given."""
+        """An event for the devices of a rollout that did not take its model, per state, with the first reason."""
         with self._app.db.reading(f"reading the failures of rollout {rollout_id}") as session:
             rows = session.exec(
                 select(RolloutDevice.state, DeploymentJob.detail)
@@ -522,18 +555,22 @@ class Demo:
                 .where(RolloutDevice.rollout_id == rollout_id, col(RolloutDevice.state).in_(_REFUSED))
             ).all()
         if rows:
-            self._event(class_name, f"{len(rows)} device(s) kept their old model ({rows[0][0]}: {rows[0][1]})")
+            states = ", ".join(f"{s.replace('_', ' ')} {n}" for s, n in sorted(Counter(r[0] for r in rows).items()))
+            self._event(class_name, f"rollout {rollout_id}: {len(rows)} device(s) did not take it ({states}); "
+                        f"first reason: {rows[0][1] or 'none given'}")  # fmt: skip
 
     def _rollout_final(self, rollout_id: int) -> bool:
         return rollout_outcome(self._app.db, rollout_id, version=0).final
 
-    def _record_rollout(self, class_name: str, rollout_id: int) -> None:
+    def _record_rollout(self, class_name: str, rollout_id: int) -> RolloutOutcome:
+        """The rollout's outcome, written into the version of the table that it rolled out."""
+        outcome = rollout_outcome(self._app.db, rollout_id, version=0)
         for v in self.stories[class_name].versions:
             if v.rollout_id == rollout_id:
-                outcome = rollout_outcome(self._app.db, rollout_id, version=v.version)
-                v.rollout_state, v.rollout_devices, v.waves_opened = (
-                    outcome.state, outcome.devices, outcome.waves_opened
+                v.rollout_state, v.rollout_devices, v.waves_opened, v.breach = (
+                    outcome.state, outcome.devices, outcome.waves_opened, outcome.breach
                 )  # fmt: skip
+        return outcome
 
     # ------------------------------------------------------------------ the live view
     def _overview(self) -> RenderableType:
@@ -563,7 +600,7 @@ class Demo:
         if builder is not None and builder.progress.class_name == name:
             return f"recompressing: {builder.progress.stage}"
         events = self.stories[name].events
-        return events[-1] if events else ""
+        return str(events[-1]) if events else ""
 
     def _live(
         self,
@@ -649,8 +686,10 @@ class Demo:
         """The class, when its first model runs (a problem is planted on a working class only)."""
         if name is None:
             return None
-        if self.stories[name].versions[-1].rollout_state != "completed":
-            self._event(name, "nothing planted: its first model is not running")
+        last = self.stories[name].versions[-1]
+        if last.rollout_state != "completed":
+            self._event(name, f"nothing planted: its first rollout ({last.rollout_id}) ended "
+                        f"{last.rollout_state or 'nowhere'}, not completed", version=last.version)  # fmt: skip
             return None
         return name
 
@@ -666,8 +705,9 @@ class Demo:
         fleet = self.fleets[name]
         self.stopped[f"fleet {name} (pid {fleet.pid})"] = fleet.stop()
         self._start_fleet(name, fleet.spec.dataset, self._app.settings, slow=factor)
-        self._event(name, f"planted: the devices restart {factor:g}x slower than profiled "
-                    f"(p95 was {base.p95_ms or 0:.2f} ms of {self.profiles[name].latency_budget_ms:g})")  # fmt: skip
+        _, before = budget_verdict(base.p95_ms, self.profiles[name].latency_budget_ms)
+        self._event(name, f"planted: the devices restart {factor:g}x slower than profiled (v{version}'s p95 over "
+                    f"the last {RECENT_S:g} s before: {before})", version=version)  # fmt: skip
 
     def _plant_bad_artifact(self, name: str) -> _Watch:
         assert self.trained is not None  # noqa: S101 - trained before
@@ -687,10 +727,14 @@ class Demo:
         story.versions.append(VersionStory(signed.version, model.recipe_label, "planted bad artifact", accuracy,
                                            signed.size, rollout_id=rid))  # fmt: skip
         pairs = ", ".join(f"{a}<->{b}" for a, b in SWAPPED_LABELS)
+        good_accuracy = f"{good.accuracy_measured:.1%}" if good.accuracy_measured is not None else "unmeasured"
         self._event(
             name,
-            f"planted: v{signed.version} trained with labels {pairs} swapped (accuracy {accuracy:.0%}; it agrees "
-            f"with its own {signed.validation_samples} validation samples); rollout {rid}",
+            f"planted: v{signed.version}, v{good.version} with labels {pairs} swapped (accuracy {accuracy:.1%} "
+            f"measured here, v{good.version} {good_accuracy}), signed with {signed.validation_samples} validation "
+            f"samples computed from its own outputs; rollout {rid}",
+            version=signed.version,
+            rollout=rollout_outcome(self._app.db, rid, version=signed.version),
         )
         return _Watch(name, "bad", rollout_id=rid)
 
@@ -711,20 +755,22 @@ class Demo:
         else:
             self._follow_slow(watch)
 
-    def _once(self, watch: _Watch, key: str, text: str) -> None:
+    def _once(
+        self, watch: _Watch, key: str, text: str, *, version: int | None = None, rollout: RolloutOutcome | None = None
+    ) -> None:
         if key not in watch.seen:
             watch.seen.add(key)
-            self._event(watch.class_name, text)
+            self._event(watch.class_name, text, version=version, rollout=rollout)
 
     def _follow_bad(self, watch: _Watch) -> None:
         assert watch.rollout_id is not None  # noqa: S101 - set when planted
         outcome = rollout_outcome(self._app.db, watch.rollout_id, version=0)
-        if outcome.breach:
-            self._once(watch, "breach", f"rollout {watch.rollout_id}: gate breach in wave {outcome.waves_opened - 1}"
-                       f" ({outcome.breach}): aborted, rolling back")  # fmt: skip
+        if outcome.breach is not None:
+            self._once(watch, "breach", f"rollout {watch.rollout_id}: gate breach: {breach_sentence(outcome.breach)};"
+                       f" the rollout is {outcome.state}", rollout=outcome)  # fmt: skip
         if outcome.final:
-            devices = ", ".join(f"{s} {n}" for s, n in outcome.devices.items())
-            self._once(watch, "final", f"rollout {watch.rollout_id} {outcome.state}: {devices}")
+            devices = ", ".join(f"{s.replace('_', ' ')} {n}" for s, n in outcome.devices.items()) or "no devices"
+            self._once(watch, "final", f"rollout {watch.rollout_id} {outcome.state}: {devices}", rollout=outcome)
             watch.done = True
 
     def _follow_slow(self, watch: _Watch) -> None:
@@ -741,7 +787,9 @@ class Demo:
             current = story.versions[-1].version
             numbers = recent(self._app.db, name, version=current, seconds=RECENT_S / 2)
             if numbers.p95_ms is not None and numbers.p95_ms > budget:
-                self._once(watch, "over", f"p95 {numbers.p95_ms:.2f} ms: over the {budget:g} ms budget")
+                self._once(watch, "over", f"v{current}'s p95 {numbers.p95_ms:.2f} ms over the {budget:g} ms budget "
+                           f"({numbers.inferences} inferences in the last {RECENT_S / 2:g} s)",
+                           version=current)  # fmt: skip
             return
         row = found[-1]
         self._once(watch, f"trigger {row.id}", f"recompression {row.id} triggered ({row.trigger}): {row.summary}")
@@ -750,35 +798,51 @@ class Demo:
             self.problems.append(f"{name}: recompression {row.id} failed: {row.note}")
             watch.done = True
             return
-        if row.rollout_id is None:
+        if row.rollout_id is None or row.artifact_id is None:
             return
         if watch.rollout_id != row.rollout_id:
             watch.rollout_id = row.rollout_id
-            built = self.builder.builds[-1] if self.builder is not None and self.builder.builds else {}
-            with self._app.db.reading("reading the new artifact") as session:
-                artifact = session.get(Artifact, row.artifact_id)
-            version = artifact.version if artifact is not None else 0
-            story.versions.append(
-                VersionStory(version, str(built.get("label", "?")), "recompression", built.get("accuracy"),
-                             artifact.size if artifact is not None else 0, rollout_id=row.rollout_id)
-            )  # fmt: skip
-            self._event(
-                name,
-                f"built v{version} {built.get('recipe')} in {built.get('seconds')}s (predicted p95 "
-                f"{built.get('predicted_p95_ms')} ms at {built.get('slowdown')}x); rollout {row.rollout_id}",
-            )
+            watch.version = self._recompressed(name, row.artifact_id, row.rollout_id)
         outcome = rollout_outcome(self._app.db, row.rollout_id, version=0)
-        if outcome.final:
-            self._once(watch, "rolled", f"rollout {row.rollout_id} {outcome.state}")
+        version = watch.version
+        if outcome.final and version is not None:
+            self._once(watch, "rolled", f"v{version}: {self._rollout_sentence(outcome)}", version=version,
+                       rollout=outcome)  # fmt: skip
             if outcome.state != "completed":
                 self.problems.append(f"{name}: the recompression's rollout {row.rollout_id} ended {outcome.state}")
                 watch.done = True
                 return
-            numbers = recent(self._app.db, name, version=story.versions[-1].version, seconds=RECENT_S)
-            if numbers.p95_ms is not None and numbers.p95_ms <= budget and numbers.inferences >= 60:
-                self._once(watch, "recovered", f"recovered: p95 {numbers.p95_ms:.2f} ms within the {budget:g} ms "
-                           "budget")  # fmt: skip
+            numbers = recent(self._app.db, name, version=version, seconds=RECENT_S)
+            within, verdict = budget_verdict(numbers.p95_ms, budget)
+            if within and numbers.inferences >= RECOVERED_SAMPLES:
+                self._once(watch, "recovered", f"recovered: v{version}'s p95 {verdict} ({numbers.inferences} "
+                           f"inferences in the last {RECENT_S:g} s)", version=version)  # fmt: skip
                 watch.done = True
+
+    def _recompressed(self, name: str, artifact_id: int, rollout_id: int) -> int | None:
+        """The recompression's artifact in the versions column, and how it was chosen in the story (the build's
+        report is the one for that version; the recipe and size are the registry's). Its version, when found."""
+        facts = {f.artifact_id: f for f in class_artifacts(self._app.db, name)}
+        fact = facts.get(artifact_id)
+        if fact is None:
+            self.problems.append(f"{name}: the recompression's artifact {artifact_id} is not in the registry")
+            return None
+        builds = self.builder.builds if self.builder is not None else []
+        built = next((b for b in builds if b.get("class") == name and b.get("version") == fact.version), {})
+        versions = self.stories[name].versions
+        if all(v.version != fact.version for v in versions):
+            versions.append(
+                VersionStory(
+                    fact.version, fact.recipe, "recompression", fact.accuracy, fact.size, rollout_id=rollout_id
+                )
+            )
+        predicted = built.get("predicted_p95_ms")
+        _, verdict = budget_verdict(predicted, self.profiles[name].latency_budget_ms)
+        how = (f"the {built.get('recipe')} rung, built in {built.get('seconds')}s: predicted p95 {verdict} at "
+               f"{built.get('slowdown')}x the baseline" if built else "no build report for it")  # fmt: skip
+        self._event(name, f"built v{fact.version} {fact.recipe} ({how}); rollout {rollout_id}", version=fact.version,
+                    rollout=rollout_outcome(self._app.db, rollout_id, version=fact.version))  # fmt: skip
+        return fact.version
 
     # ------------------------------------------------------------------ steady state and the end
     def _observe(self) -> None:
@@ -803,15 +867,43 @@ class Demo:
                 story.p95_latency_ms, story.accuracy, story.labelled_samples = (
                     numbers.p95_ms, numbers.accuracy, numbers.labelled
                 )  # fmt: skip
-                if numbers.p95_ms is not None:
-                    story.within_budget = numbers.p95_ms <= story.latency_budget_ms
+                story.within_budget = budget_verdict(numbers.p95_ms, story.latency_budget_ms)[0]
             story.recompressions = [
                 {"id": r.id, "trigger": r.trigger, "summary": r.summary, "state": r.state, "rollout": r.rollout_id}
                 for r in recompressions(self._app.db, name)
             ]
-            for v in story.versions:
-                if v.rollout_id is not None:
-                    self._record_rollout(name, v.rollout_id)
+            self._versions_from_registry(name)
+            self.problems.extend(f"{name}: the summary disagrees with its story: {d}" for d in disagreements(story))
+
+    def _versions_from_registry(self, name: str) -> None:
+        """Every artifact built for the class goes in its versions column, with its rollout's outcome. One the demo
+        did not follow live (a recompression of a class it did not plant a slowdown in, an operator's) is told in
+        the story too, at the time the registry built it."""
+        story = self.stories[name]
+        known = {v.version: v for v in story.versions}
+        unfollowed = []
+        for fact in class_artifacts(self._app.db, name):
+            v = known.get(fact.version)
+            if v is None:
+                made = "recompression" if fact.recompression_id is not None else "registry"
+                story.versions.append(
+                    VersionStory(fact.version, fact.recipe, made, fact.accuracy, fact.size, rollout_id=fact.rollout_id)
+                )
+                unfollowed.append(fact)
+            elif v.rollout_id is None:
+                v.rollout_id = fact.rollout_id
+        story.versions.sort(key=lambda v: v.version)
+        outcomes = {v.rollout_id: self._record_rollout(name, v.rollout_id) for v in story.versions if v.rollout_id}
+        for fact in unfollowed:
+            outcome = outcomes.get(fact.rollout_id) if fact.rollout_id is not None else None
+            how = f"recompression {fact.recompression_id} ({fact.trigger})"
+            if fact.recompression_id is None:
+                how = "none of the demo's steps"
+            rolled = self._rollout_sentence(outcome) if outcome is not None else "not rolled out"
+            at = (fact.created_at - self._began_utc).total_seconds()
+            self._event(name, f"v{fact.version} {fact.recipe} built by {how}, not followed live; {rolled}",
+                        version=fact.version, rollout=outcome, at=at)  # fmt: skip
+        story.events.sort(key=lambda e: e.at_s)
 
     # ------------------------------------------------------------------ stopping
     @contextlib.contextmanager

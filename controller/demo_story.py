@@ -1,5 +1,6 @@
 """The demo's story as data: the wave plan and gates of its rollouts, the recompression policy it sets, and the
-field numbers it watches (a class's recent p95 from the telemetry rollups, the state of its rollouts).
+field numbers it watches (a class's recent p95 from the telemetry rollups, the state of its rollouts and the breach
+that stopped one), and the registry's artifacts of a class (every version built, by whom, its latest rollout).
 
 Everything here is sized so that the whole story fits in a few minutes: devices report every two seconds, a gate
 judges once two devices sent 45 inferences (30 labelled), and the recompression trigger needs three consecutive
@@ -21,16 +22,18 @@ from dataclasses import dataclass
 from sqlmodel import col, select
 
 from edgefleet.controller.db import Database
-from edgefleet.controller.demo_report import histogram_quantile
+from edgefleet.controller.demo_report import Breach, histogram_quantile
 from edgefleet.controller.recompress_policy import RecompressionPolicy
 from edgefleet.controller.rollout_plan import FINAL_ROW_STATES, GateConfig, WavePlan
-from edgefleet.controller.tables import Recompression, Rollout, RolloutDevice, TelemetryRollup, utcnow
+from edgefleet.controller.tables import Artifact, Recompression, Rollout, RolloutDevice, TelemetryRollup, utcnow
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS
 
 __all__ = [
     "ACCURACY_MARGIN",
+    "ArtifactFacts",
     "Recent",
     "RolloutOutcome",
+    "class_artifacts",
     "demo_policy",
     "recent",
     "recent_p95_ms",
@@ -142,7 +145,7 @@ class RolloutOutcome:
     devices: dict[str, int]
     waves_opened: int
     settled: bool
-    breach: str | None
+    breach: Breach | None
 
     @property
     def final(self) -> bool:
@@ -156,16 +159,7 @@ def rollout_outcome(db: Database, rollout_id: int, *, version: int) -> RolloutOu
     states: dict[str, int] = {}
     for row in rows:
         states[row.state] = states.get(row.state, 0) + 1
-    breach = None
-    if rollout is not None and rollout.breach_json:
-        detail = json.loads(rollout.breach_json)
-        gates = detail.get("gates") or []
-        breach = ", ".join(
-            f"{g['name']} {g['value']:.3g} vs {g['threshold']:.3g}"
-            if isinstance(g.get("value"), float) and isinstance(g.get("threshold"), float)
-            else str(g.get("name"))
-            for g in gates
-        ) or str(detail.get("reason", ""))
+    breach = Breach.from_json(json.loads(rollout.breach_json)) if rollout is not None and rollout.breach_json else None
     return RolloutOutcome(
         rollout_id=rollout_id,
         state=rollout.state if rollout is not None else "missing",
@@ -182,3 +176,66 @@ def recompressions(db: Database, class_name: str) -> list[Recompression]:
     with db.reading(f"listing the recompressions of {class_name}") as session:
         query = select(Recompression).where(Recompression.class_name == class_name).order_by(col(Recompression.id))
         return list(session.exec(query).all())
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactFacts:
+    """An artifact of a class as the registry holds it: every version built, by whom, and its latest rollout."""
+
+    artifact_id: int
+    version: int
+    size: int
+    recipe: str  # the passes as the report names them ("distill w0.25 > quantize_static")
+    accuracy: float | None  # as measured when it was built
+    created_at: dt.datetime
+    rollout_id: int | None
+    recompression_id: int | None  # the recompression that built it
+    trigger: str | None
+
+
+def recipe_label(recipe_json: str) -> str:
+    """`distill w0.25 > quantize_static` from an artifact's stored passes; `-` for an artifact without a recipe."""
+    data = json.loads(recipe_json or "[]")
+    passes = data.get("passes", []) if isinstance(data, dict) else data
+    names = []
+    for p in passes if isinstance(passes, list) else []:
+        kind, width = str(p.get("kind", "?")), p.get("width")
+        names.append(f"{kind} w{width:g}" if isinstance(width, int | float) else kind)
+    return " > ".join(names) or "-"
+
+
+def class_artifacts(db: Database, class_name: str) -> list[ArtifactFacts]:
+    """Every artifact built for the class, oldest version first, with its latest rollout and its recompression."""
+    with db.reading(f"reading the artifacts of {class_name}") as session:
+        artifacts = session.exec(
+            select(Artifact).where(Artifact.class_name == class_name).order_by(col(Artifact.version))
+        ).all()
+        ids = [a.id for a in artifacts]
+        rollouts = session.exec(
+            select(Rollout.artifact_id, Rollout.id).where(col(Rollout.artifact_id).in_(ids)).order_by(col(Rollout.id))
+        ).all()
+        built = session.exec(
+            select(Recompression).where(col(Recompression.artifact_id).in_(ids)).order_by(col(Recompression.id))
+        ).all()
+    latest = dict(rollouts)  # ordered by id: the last rollout of each artifact wins
+    by_recompression = {r.artifact_id: r for r in built}
+    facts = []
+    for a in artifacts:
+        artifact_id = a.id or 0  # stored rows have one
+        metrics = json.loads(a.metrics_json or "{}")
+        accuracy = metrics.get("accuracy") if isinstance(metrics, dict) else None
+        made = by_recompression.get(artifact_id)
+        facts.append(
+            ArtifactFacts(
+                artifact_id=artifact_id,
+                version=a.version,
+                size=a.size,
+                recipe=recipe_label(a.recipe_json),
+                accuracy=float(accuracy) if isinstance(accuracy, int | float) else None,
+                created_at=a.created_at,
+                rollout_id=latest.get(artifact_id),
+                recompression_id=made.id if made is not None else None,
+                trigger=made.trigger if made is not None else None,
+            )
+        )
+    return facts

@@ -57,5 +57,5 @@ def test_npz_round_trip_and_errors(tmp_path: Path) -> None:
         load_npz(missing)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
-    with pytest.raises(DataError, match=r"cannot read as \.npz"):
+    with pytest.raises(DataError, match=r"not an \.npz file \(numpy\.savez writes one"):
         load_npz(junk)

@@ -27,6 +27,9 @@ def test_start_list_status_pause_resume_abort(fleet) -> None:
     assert "rollout 1" in table
     assert "canary" in table
     assert fleet.json("rollout", "pause", "1")["state"] == "paused"
+    paused = fleet("rollout", "status", "1", "--watch", "--interval", "0.1")
+    assert paused.exit_code == 4  # paused, nothing in flight: nothing left to wait for but an operator
+    assert "`edgefleet rollout resume 1` goes on" in paused.output
     assert fleet.json("rollout", "resume", "1", "--waive", "latency_p95")["state"] == "running"
     assert fleet.json("rollout", "status", "1")["gate_config"]["waived"] == ["latency_p95"]
     assert fleet.json("rollout", "abort", "1", "--reason", "test") == {"id": 1, "rollbacks": 0, "state": "aborted"}

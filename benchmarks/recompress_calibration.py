@@ -43,7 +43,7 @@ PROBE_SCALE = 2.0  # any scale != 1 times the way a simulated device does; divid
 def _field(paths: list[str], seconds: float, rate_hz: float, queue: mp.Queue) -> None:  # type: ignore[type-arg]
     """One simulator process: devices at `rate_hz` in all, round-robin over `paths`; host seconds per model."""
     from edgefleet.agent.runner import ModelRunner
-    from edgefleet.controller.demo_models import validation_arrays
+    from edgefleet.controller.demo.models import validation_arrays
 
     x, _ = validation_arrays()
     runners = [ModelRunner(Path(p), threads=1, latency_scale=PROBE_SCALE) for p in paths]
@@ -79,7 +79,7 @@ def field_p95(paths: list[str], *, seconds: float, processes: int = 3, rate_hz: 
 
 def _bound(p95_ms: float) -> float:
     """The upper bound (ms) of the telemetry bucket holding `p95_ms`: what the trigger and the gates compare."""
-    from edgefleet.controller.rollout_gates import p95_bound
+    from edgefleet.controller.rollout.gates import p95_bound
     from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS, bucket_index
 
     counts = [0] * (len(LATENCY_BUCKETS_SECONDS) + 1)
@@ -106,8 +106,8 @@ def main() -> None:
     from edgefleet.agent.speed import is_int8_model
     from edgefleet.compression import compress, parse_recipe
     from edgefleet.compression.host_speed import host_reference
-    from edgefleet.controller.demo_builder import FIT_MARGIN, choose_rung
-    from edgefleet.controller.demo_models import (
+    from edgefleet.controller.demo.builder import FIT_MARGIN, choose_rung
+    from edgefleet.controller.demo.models import (
         LADDER,
         CompressMode,
         compress_for_class,
@@ -204,7 +204,7 @@ def main() -> None:
         )
     lines += [
         "",
-        "The speed-factor trigger (controller/recompress_policy.py) observes the field p95's bucket bound / the",
+        "The speed-factor trigger (controller/recompress/policy.py) observes the field p95's bucket bound / the",
         "planner's predicted p95, and fires when that is off 1 by more than the tolerance (rpi4.toml). For the",
         "planner's picks and the full-width student (the demo's first rpi4 model), at the profiled speed and 2.5x",
         "slower:",

@@ -29,7 +29,7 @@ from edgefleet.agent.mqtt import MqttLink
 from edgefleet.agent.reactor import Reactor
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
 from edgefleet.agent.telemetry import rss_bytes
-from edgefleet.controller.mosquitto import ManagedMosquitto
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto
 from edgefleet.protocols import topics
 from edgefleet.protocols.profile import load_profile
 

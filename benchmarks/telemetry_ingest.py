@@ -36,14 +36,14 @@ from sqlmodel import select
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section
 
-from edgefleet.controller.app import ControllerApp
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto
 from edgefleet.controller.config import Settings
-from edgefleet.controller.db import Database
-from edgefleet.controller.metrics import ControllerMetrics
-from edgefleet.controller.mosquitto import ManagedMosquitto
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.service import ControllerService
-from edgefleet.controller.tables import TelemetryRollup, utcnow
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.tables import TelemetryRollup, utcnow
+from edgefleet.controller.service.app import ControllerApp
+from edgefleet.controller.service.handlers import ControllerService
+from edgefleet.controller.service.metrics import ControllerMetrics
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.profile import load_profile
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS, TelemetryBatch, bucket_index

@@ -48,9 +48,9 @@ from edgefleet.agent.machine import Event
 from edgefleet.agent.reactor import Reactor
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
 from edgefleet.agent.updater import Updater
-from edgefleet.controller.blockserver import BlockServer
-from edgefleet.controller.mosquitto import ManagedMosquitto
-from edgefleet.controller.mqtt import MqttClient
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto
+from edgefleet.controller.service.blockserver import BlockServer
+from edgefleet.controller.service.mqtt import MqttClient
 from edgefleet.protocols import topics
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.commands import DeployCommand

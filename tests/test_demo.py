@@ -26,19 +26,19 @@ import pytest
 
 from edgefleet.agent.cli import build_parser
 from edgefleet.agent.credentials import read_credentials
+from edgefleet.controller.broker.mosquitto import find_mosquitto
 from edgefleet.controller.config import Settings
 from edgefleet.controller.credentials import verify_secret
-from edgefleet.controller.demo import DemoOptions, default_profiles_dir
-from edgefleet.controller.demo_builder import choose_rung
-from edgefleet.controller.demo_credentials import credentials_path
-from edgefleet.controller.demo_fleet import FleetSpec, simulated_ids
-from edgefleet.controller.demo_models import LADDER, SWAPPED_LABELS, DemoModelError, fixed_recipe, swap_labels
-from edgefleet.controller.demo_report import histogram_quantile
-from edgefleet.controller.demo_setup import MANAGED_AUTH, prepare_registry, simulation_profile
+from edgefleet.controller.data.home import init_home, open_database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.demo.builder import choose_rung
+from edgefleet.controller.demo.credentials import credentials_path
+from edgefleet.controller.demo.fleet import FleetSpec, simulated_ids
+from edgefleet.controller.demo.models import LADDER, SWAPPED_LABELS, DemoModelError, fixed_recipe, swap_labels
+from edgefleet.controller.demo.report import histogram_quantile
+from edgefleet.controller.demo.run import DemoOptions, default_profiles_dir
+from edgefleet.controller.demo.setup import MANAGED_AUTH, prepare_registry, simulation_profile
 from edgefleet.controller.errors import ConfigError
-from edgefleet.controller.home import init_home, open_database
-from edgefleet.controller.mosquitto import find_mosquitto
-from edgefleet.controller.registry import Registry
 from edgefleet.protocols.profile import load_profile
 
 EDGEFLEET = Path(sys.executable).with_name("edgefleet")
@@ -196,7 +196,7 @@ def test_the_planted_artifact_swaps_labels_and_nothing_else(tmp_path: Path) -> N
 
     from edgefleet.compression.examples.digits import DigitsNet
     from edgefleet.compression.export import export_onnx
-    from edgefleet.controller.demo_models import _session
+    from edgefleet.controller.demo.models import _session
 
     torch.manual_seed(0)
     model = export_onnx(DigitsNet(width=0.25).eval(), np.zeros((1, 1, 16, 16), dtype=np.float32))
@@ -247,7 +247,7 @@ def test_contradictory_demo_options_are_refused_before_anything_starts(
 ) -> None:
     from typer.testing import CliRunner
 
-    from edgefleet.controller.cli import app
+    from edgefleet.controller.cli.main import app
 
     result = CliRunner().invoke(app, ["demo", *args, "--home", str(tmp_path / "home")], catch_exceptions=False)
     assert result.exit_code == 1, result.output
@@ -263,7 +263,7 @@ def test_contradictory_demo_options_are_refused_before_anything_starts(
 def test_out_of_range_demo_options_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
     from typer.testing import CliRunner
 
-    from edgefleet.controller.cli import app
+    from edgefleet.controller.cli.main import app
 
     result = CliRunner().invoke(app, ["demo", *args, "--home", str(tmp_path / "home")], catch_exceptions=False)
     assert result.exit_code == 2, result.output
@@ -399,7 +399,7 @@ def test_a_second_sigterm_while_stopping_does_not_cut_the_teardown_short(tmp_pat
 
     from rich.console import Console
 
-    from edgefleet.controller.demo import Demo
+    from edgefleet.controller.demo.run import Demo
 
     demo = Demo(DemoOptions(home=tmp_path), console=Console(file=io.StringIO()))
     stopped: list[str] = []

@@ -14,9 +14,10 @@ import pytest
 from rich.console import Console
 
 from edgefleet.controller.config import Settings
-from edgefleet.controller.db import Database
-from edgefleet.controller.demo import ALLOWED_FAILURES, Demo, DemoOptions, default_profiles_dir
-from edgefleet.controller.demo_report import (
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.home import init_home, open_database
+from edgefleet.controller.data.tables import Artifact, Recompression, Rollout, RolloutDevice, utcnow
+from edgefleet.controller.demo.report import (
     Breach,
     ClassStory,
     StoryEvent,
@@ -28,10 +29,9 @@ from edgefleet.controller.demo_report import (
     render_summary,
     version_line,
 )
-from edgefleet.controller.demo_setup import prepare_registry
-from edgefleet.controller.demo_story import class_artifacts, rollout_outcome
-from edgefleet.controller.home import init_home, open_database
-from edgefleet.controller.tables import Artifact, Recompression, Rollout, RolloutDevice, utcnow
+from edgefleet.controller.demo.run import ALLOWED_FAILURES, Demo, DemoOptions, default_profiles_dir
+from edgefleet.controller.demo.setup import prepare_registry
+from edgefleet.controller.demo.story import class_artifacts, rollout_outcome
 
 ACCURACY_BREACH = {
     "gates": [{"name": "accuracy", "status": "breach", "value": 0.3889, "threshold": 0.917, "devices": 2,

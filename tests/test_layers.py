@@ -29,7 +29,7 @@ def test_agent_and_protocols_do_not_import_torch_or_server_libraries() -> None:
 def test_operator_help_does_not_load_torch() -> None:
     code = (
         "from typer.testing import CliRunner\n"
-        "from edgefleet.controller.cli import app\n"
+        "from edgefleet.controller.cli.main import app\n"
         "result = CliRunner().invoke(app, ['--help'])\n"
         "assert result.exit_code == 0, result.output\n"
     )

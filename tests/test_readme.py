@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.controller.mosquitto import find_mosquitto
+from edgefleet.controller.broker.mosquitto import find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgefleet.controller.mosquitto import TlsListener
+from edgefleet.controller.broker.mosquitto import TlsListener
 
 
 @dataclasses.dataclass(frozen=True)

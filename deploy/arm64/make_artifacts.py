@@ -59,7 +59,7 @@ def build_models(*, epochs: int) -> tuple[dict[str, bytes], Any]:
     from edgefleet.compression import compress
     from edgefleet.compression.examples import train_example
     from edgefleet.compression.export import compact_names, export_onnx
-    from edgefleet.controller.demo_models import swap_labels
+    from edgefleet.controller.demo.models import swap_labels
 
     torch.set_num_threads(2)
     module, task = train_example("digits", epochs=epochs)
@@ -103,12 +103,12 @@ def make_bundle(out: Path, *, epochs: int) -> list[Entry]:
     """Build every artifact of the bundle into `out` (emptied first) through a fresh controller home."""
     import numpy as np
 
-    from edgefleet.controller.artifacts import ArtifactCatalog
-    from edgefleet.controller.db import Database
-    from edgefleet.controller.keys import create_signing_key, public_key_path
-    from edgefleet.controller.registry import Registry
-    from edgefleet.controller.store import ArtifactStore
-    from edgefleet.controller.validation_set import ValidationSet
+    from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+    from edgefleet.controller.artifacts.keys import create_signing_key, public_key_path
+    from edgefleet.controller.artifacts.store import ArtifactStore
+    from edgefleet.controller.artifacts.validation_set import ValidationSet
+    from edgefleet.controller.data.db import Database
+    from edgefleet.controller.data.registry import Registry
     from edgefleet.protocols.profile import load_profile
     from edgefleet.protocols.signing import sign_manifest
 

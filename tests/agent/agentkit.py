@@ -26,7 +26,7 @@ from edgefleet.agent.agent import Agent
 from edgefleet.agent.config import AgentConfig, Faults
 from edgefleet.agent.mqtt import MqttLink
 from edgefleet.agent.reactor import Reactor
-from edgefleet.controller.blockserver import BlockServer
+from edgefleet.controller.service.blockserver import BlockServer
 from edgefleet.protocols import topics
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.commands import ConfigureCommand, DeployCommand, RollbackCommand

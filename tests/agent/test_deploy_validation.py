@@ -11,11 +11,11 @@ import pytest
 from agentkit import PROFILE, Fleet, tiny_model
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.controller.artifacts import ArtifactCatalog
-from edgefleet.controller.db import Database
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.validation_set import ValidationSet, build_validation
+from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+from edgefleet.controller.artifacts.store import ArtifactStore
+from edgefleet.controller.artifacts.validation_set import ValidationSet, build_validation
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
 from edgefleet.protocols.codes import ResultCode
 from edgefleet.protocols.signing import sign_manifest
 

@@ -20,7 +20,7 @@ from edgefleet.agent.runner import ModelRunner
 from edgefleet.agent.slots import Slots
 from edgefleet.agent.spool import Spool
 from edgefleet.agent.window import Window
-from edgefleet.controller.blockserver import BlockServer
+from edgefleet.controller.service.blockserver import BlockServer
 from edgefleet.protocols.blocks import Bitmap, BlockRequest, decode_block
 from edgefleet.protocols.manifest import block_digests
 from edgefleet.protocols.topics import block_request_topic

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgefleet.compression import initial_state
-from edgefleet.controller.cli import app
+from edgefleet.controller.cli.main import app
 
 if TYPE_CHECKING:
     from conftest import Trained

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from edgefleet.controller.cli import app
-from edgefleet.controller.db import Database
+from edgefleet.controller.cli.main import app
+from edgefleet.controller.data.db import Database
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.messages import Birth, Capabilities, DeviceState, JobEvent, RunningModel, SlotState, Status
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS, TelemetryBatch, bucket_index
@@ -100,7 +100,7 @@ def ready(cli: Cli) -> Cli:
 
 
 def postgres_answers() -> bool:
-    from edgefleet.controller.mosquitto import port_answers
+    from edgefleet.controller.broker.mosquitto import port_answers
 
     return port_answers("127.0.0.1", 5432)
 

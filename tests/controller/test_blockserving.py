@@ -17,11 +17,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from waiting import wait_for
 
-from edgefleet.controller.app import ControllerApp
-from edgefleet.controller.blockserver import BlockServer, ServedArtifact
+from edgefleet.controller.broker.mosquitto import free_port
 from edgefleet.controller.config import load_settings
-from edgefleet.controller.mosquitto import free_port
-from edgefleet.controller.mqtt import MqttClient, MqttError
+from edgefleet.controller.service.app import ControllerApp
+from edgefleet.controller.service.blockserver import BlockServer, ServedArtifact
+from edgefleet.controller.service.mqtt import MqttClient, MqttError
 from edgefleet.protocols.blocks import Bitmap, BlockRequest, decode_block
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.topics import artifact_blocks_topic, block_request_topic

@@ -12,8 +12,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from waiting import wait_for
 
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto, find_mosquitto, free_port, port_answers
 from edgefleet.controller.config import CONTROLLER_USERNAME
-from edgefleet.controller.mosquitto import ManagedMosquitto, find_mosquitto, free_port, port_answers
 from edgefleet.protocols.topics import command_topic, controller_filters, telemetry_topic
 
 pytestmark = pytest.mark.mqtt
@@ -65,7 +65,7 @@ def acl_broker(cli, profiles: Path) -> Iterator[tuple[int, dict[str, str], str]]
                                                       "--id", "dev-a", "--id", "dev-b").splitlines()[1:])  # fmt: skip
     cli.ok("broker", "config")
     secret = (cli.home / "keys" / "mqtt-controller.secret").read_text().strip()
-    from edgefleet.controller.broker_config import managed_broker
+    from edgefleet.controller.broker.config import managed_broker
     from edgefleet.controller.config import load_settings
 
     broker: ManagedMosquitto = managed_broker(load_settings(flags={"home": cli.home, "mqtt_port": port}))
@@ -124,7 +124,7 @@ def test_simulated_devices_log_in_with_registered_credentials(cli, profiles: Pat
     import subprocess
     import sys
 
-    from edgefleet.controller.broker_config import managed_broker
+    from edgefleet.controller.broker.config import managed_broker
     from edgefleet.controller.config import load_settings
     from edgefleet.protocols.topics import status_topic
 
@@ -176,7 +176,7 @@ def test_devices_registered_after_broker_run_started_can_connect(cli, profiles: 
 
     port = _home_with_a_class(cli, profiles)
     cli.ok("device", "register", "--class", "rpi4", "--id", "early")
-    command = [sys.executable, "-c", "from edgefleet.controller.cli import main; main()", "broker", "run"]
+    command = [sys.executable, "-c", "from edgefleet.controller.cli.main import main; main()", "broker", "run"]
     broker = subprocess.Popen(command, env={**os.environ, **cli.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert wait_for(lambda: port_answers("127.0.0.1", port), 15.0), "broker run did not start"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.controller.broker.mosquitto import free_port
 from edgefleet.controller.config import load_settings
 from edgefleet.controller.credentials import verify_secret
 from edgefleet.controller.errors import ConfigError
-from edgefleet.controller.mosquitto import free_port
 
 
 def test_init_is_idempotent_and_keeps_the_key_private(cli) -> None:

@@ -14,10 +14,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from waiting import wait_for
 
-from edgefleet.controller.app import ControllerApp
+from edgefleet.controller.artifacts.keys import load_signing_key, public_raw
+from edgefleet.controller.broker.mosquitto import free_port
 from edgefleet.controller.config import load_settings
-from edgefleet.controller.keys import load_signing_key, public_raw
-from edgefleet.controller.mosquitto import free_port
+from edgefleet.controller.service.app import ControllerApp
 from edgefleet.protocols.codec import decode_command
 from edgefleet.protocols.commands import DeployCommand
 from edgefleet.protocols.signing import key_id, verify_manifest

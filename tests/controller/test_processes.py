@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from waiting import wait_for
 
-from edgefleet.controller.app import ControllerApp
+from edgefleet.controller.broker.mosquitto import find_mosquitto, free_port, port_answers
 from edgefleet.controller.config import load_settings
-from edgefleet.controller.mosquitto import find_mosquitto, free_port, port_answers
+from edgefleet.controller.service.app import ControllerApp
 from edgefleet.protocols.topics import telemetry_topic
 
 pytestmark = pytest.mark.mqtt
 
-EDGEFLEET = [sys.executable, "-c", "from edgefleet.controller.cli import main; main()"]
+EDGEFLEET = [sys.executable, "-c", "from edgefleet.controller.cli.main import main; main()"]
 
 
 def stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from edgefleet.controller.db import Database
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.tables import Artifact, Rollout
 from edgefleet.controller.errors import ConfigError, ConflictError
-from edgefleet.controller.recompress_policy import (
+from edgefleet.controller.recompress.policy import (
     MAX_POLICY_FILE_BYTES,
     RecompressionPolicy,
     parse_policy,
     policy_of_file,
 )
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.tables import Artifact, Rollout
 from edgefleet.protocols.errors import ProfileError
 from edgefleet.protocols.profile import load_profile
 

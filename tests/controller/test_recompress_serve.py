@@ -29,25 +29,25 @@ from waiting import wait_for
 from edgefleet.agent.config import Faults
 from edgefleet.agent.replay import load_dataset
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
-from edgefleet.controller.app import ControllerApp
-from edgefleet.controller.artifacts import ArtifactCatalog
+from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+from edgefleet.controller.artifacts.keys import load_signing_key, public_raw
+from edgefleet.controller.artifacts.store import ArtifactStore
+from edgefleet.controller.broker.mosquitto import free_port
 from edgefleet.controller.config import Settings, load_settings
-from edgefleet.controller.db import Database
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.tables import AuditEntry, Recompression
 from edgefleet.controller.errors import ConfigError
-from edgefleet.controller.keys import load_signing_key, public_raw
-from edgefleet.controller.mosquitto import free_port
-from edgefleet.controller.recompress import (
+from edgefleet.controller.recompress.loop import (
     RESTART_NOTE,
     RETRY_STARTED,
     BuildRequest,
     BuildResult,
     RecompressionLoop,
 )
-from edgefleet.controller.recompress_policy import RecompressionPolicy
-from edgefleet.controller.rollout_plan import GateConfig, WavePlan
-from edgefleet.controller.rollouts import class_current_version
-from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import AuditEntry, Recompression
+from edgefleet.controller.recompress.policy import RecompressionPolicy
+from edgefleet.controller.rollout.api import class_current_version
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
+from edgefleet.controller.service.app import ControllerApp
 from edgefleet.protocols.profile import ReferenceTimes, load_profile
 from edgefleet.protocols.signing import key_id
 
@@ -201,7 +201,7 @@ def test_the_app_detects_slow_devices_by_itself_and_ends_on_the_new_artifact(fle
     sim, thread, stop = simulate(f, tmp_path, slow=2.5)
     try:
         assert wait_for(lambda: sim.connected == N, 20)
-        from edgefleet.controller.deploy import Deployer
+        from edgefleet.controller.service.deploy import Deployer
 
         deployer = Deployer(app.db, catalog=f.catalog(app.db), publisher=app.mqtt, actor="test")
         assert not any(r.error for r in deployer.deploy(first.id or 0, class_name="gw"))
@@ -220,7 +220,7 @@ def test_the_app_detects_slow_devices_by_itself_and_ends_on_the_new_artifact(fle
         )
         done = app.recompression.get(row.id or 0)
         if done.state != "done":
-            from edgefleet.controller.rollouts import Rollouts
+            from edgefleet.controller.rollout.api import Rollouts
 
             rollout = Rollouts(app.db).get(done.rollout_id or 0)
             pytest.fail(f"{done.note}: {rollout.breach_json}")
@@ -247,7 +247,7 @@ EIGHT_MS = 0.008
 
 def plant(db: object, *, class_name: str, device_ids: list[str], windows: int = 3, latency: float = EIGHT_MS) -> None:
     """Devices on version 1 and `windows` one-second rollups ending now, every device at `latency`."""
-    from edgefleet.controller.tables import Device, TelemetryRollup
+    from edgefleet.controller.data.tables import Device, TelemetryRollup
     from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS, bucket_index
 
     counts = [0] * (len(LATENCY_BUCKETS_SECONDS) + 1)
@@ -374,7 +374,7 @@ def test_a_build_found_building_after_its_retry_is_failed_not_retried_again(home
         v1 = session.exec(select(Recompression)).first()
     assert v1 is None
     # A recompression that was already retried once after a restart, its retry began, then the controller died again.
-    from edgefleet.controller.tables import Artifact
+    from edgefleet.controller.data.tables import Artifact
 
     now = dt.datetime.now(dt.UTC)
     with app.db.transaction() as session:
@@ -443,7 +443,7 @@ def test_serve_runs_the_loop_and_an_operator_approves_through_the_cli(home: Flee
         assert "approved: rollout" in out
         loop = RecompressionLoop(app.db)
         rollout_id = loop.get(pid or 0).rollout_id
-        from edgefleet.controller.rollouts import Rollouts
+        from edgefleet.controller.rollout.api import Rollouts
 
         assert wait_for(lambda: Rollouts(app.db).get(rollout_id or 0).state == "running", 20)
         assert loop.get(pid or 0).state == "rolling_out"
@@ -483,7 +483,7 @@ def _recompressions(db: object) -> int:
         return len(session.exec(select(Recompression)).all())
 
 
-EDGEFLEET = [sys.executable, "-c", "from edgefleet.controller.cli import main; main()"]
+EDGEFLEET = [sys.executable, "-c", "from edgefleet.controller.cli.main import main; main()"]
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> tuple[int, str]:

@@ -13,14 +13,14 @@ from alembic.migration import MigrationContext
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlmodel import SQLModel, select
 
-from edgefleet.controller.artifacts import ArtifactCatalog
+from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+from edgefleet.controller.artifacts.store import ArtifactStore
 from edgefleet.controller.credentials import verify_secret
-from edgefleet.controller.db import Database
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.tables import AuditEntry, Device, TelemetryRollup
 from edgefleet.controller.errors import ConflictError, DatabaseUnavailableError, NotFoundError, RegistryError
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.rollups import RollupAggregator
-from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import AuditEntry, Device, TelemetryRollup
+from edgefleet.controller.service.rollups import RollupAggregator
 from edgefleet.protocols.profile import load_profile
 from edgefleet.protocols.signing import key_id, public_key_of, verify_manifest
 from edgefleet.protocols.telemetry import TelemetryBatch
@@ -160,7 +160,7 @@ def test_a_locked_database_fails_cleanly(tmp_path: Path, profiles: Path) -> None
 
 
 def test_an_unreachable_database_says_so() -> None:
-    from edgefleet.controller.mosquitto import free_port
+    from edgefleet.controller.broker.mosquitto import free_port
 
     db = Database.open(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none", timeout=1)
     with pytest.raises(DatabaseUnavailableError, match="cannot use the registry database"):

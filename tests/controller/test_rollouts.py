@@ -24,20 +24,20 @@ from rich.console import Console
 from sqlmodel import col, select
 from waiting import wait_for
 
-from edgefleet.controller.artifacts import ArtifactCatalog
-from edgefleet.controller.cli_rollout import render
-from edgefleet.controller.db import Database
+from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+from edgefleet.controller.artifacts.store import ArtifactStore
+from edgefleet.controller.cli.rollout import render
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.tables import DeploymentJob, Device, Rollout, RolloutDevice, TelemetryRollup
 from edgefleet.controller.errors import ConflictError, NotFoundError, RegistryError
-from edgefleet.controller.mqtt import MqttClient
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.rollout_engine import RolloutEngine
-from edgefleet.controller.rollout_metrics import RolloutCollector
-from edgefleet.controller.rollout_plan import GateConfig, WavePlan
-from edgefleet.controller.rollout_status import describe
-from edgefleet.controller.rollouts import Rollouts
-from edgefleet.controller.state_updates import apply_job_event
-from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import DeploymentJob, Device, Rollout, RolloutDevice, TelemetryRollup
+from edgefleet.controller.rollout.api import Rollouts
+from edgefleet.controller.rollout.engine import RolloutEngine
+from edgefleet.controller.rollout.metrics import RolloutCollector
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
+from edgefleet.controller.rollout.status import describe
+from edgefleet.controller.service.mqtt import MqttClient
+from edgefleet.controller.service.state_updates import apply_job_event
 from edgefleet.protocols.codec import decode_command
 from edgefleet.protocols.commands import DeployCommand, RollbackCommand
 from edgefleet.protocols.messages import JobEvent

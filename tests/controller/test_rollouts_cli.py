@@ -41,7 +41,7 @@ def test_start_list_status_pause_resume_abort(fleet) -> None:
 
 def test_gates_show_latency_in_milliseconds() -> None:
     """All else is in ms; the latency gate printed seconds to three decimals (`latency_p95 0.001 vs 0.0005`)."""
-    from edgefleet.controller.cli_rollout import _breach_line, _gate_number
+    from edgefleet.controller.cli.rollout import _breach_line, _gate_number
 
     assert _gate_number("latency_p95", 0.0005) == "0.5 ms"
     assert _gate_number("latency_p95", 0.00213) == "2.13 ms"

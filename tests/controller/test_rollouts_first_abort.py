@@ -27,23 +27,23 @@ from sqlmodel import col, select
 from waiting import wait_for
 
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
-from edgefleet.controller.app import ControllerApp, device_state_counts, job_state_counts
-from edgefleet.controller.artifacts import ArtifactCatalog
+from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+from edgefleet.controller.artifacts.keys import load_signing_key, public_raw
+from edgefleet.controller.artifacts.store import ArtifactStore
+from edgefleet.controller.broker.mosquitto import free_port
 from edgefleet.controller.config import load_settings
-from edgefleet.controller.db import Database
-from edgefleet.controller.keys import load_signing_key, public_raw
-from edgefleet.controller.metrics import ControllerMetrics
-from edgefleet.controller.mosquitto import free_port
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.rollout_engine import RolloutEngine
-from edgefleet.controller.rollout_metrics import outcome_of
-from edgefleet.controller.rollout_plan import FINAL_ROW_STATES, GateConfig, WavePlan
-from edgefleet.controller.rollout_status import describe
-from edgefleet.controller.rollouts import Rollouts
-from edgefleet.controller.service import ControllerService
-from edgefleet.controller.state_updates import apply_job_event
-from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import DeploymentJob, Device, RolloutDevice
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.tables import DeploymentJob, Device, RolloutDevice
+from edgefleet.controller.rollout.api import Rollouts
+from edgefleet.controller.rollout.engine import RolloutEngine
+from edgefleet.controller.rollout.metrics import outcome_of
+from edgefleet.controller.rollout.plan import FINAL_ROW_STATES, GateConfig, WavePlan
+from edgefleet.controller.rollout.status import describe
+from edgefleet.controller.service.app import ControllerApp, device_state_counts, job_state_counts
+from edgefleet.controller.service.handlers import ControllerService
+from edgefleet.controller.service.metrics import ControllerMetrics
+from edgefleet.controller.service.state_updates import apply_job_event
 from edgefleet.protocols.codec import decode_command
 from edgefleet.protocols.codes import ResultCode
 from edgefleet.protocols.commands import DeployCommand, RollbackCommand

@@ -19,13 +19,13 @@ from waiting import wait_for
 
 from edgefleet.agent.replay import load_dataset
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
-from edgefleet.controller.app import ControllerApp
+from edgefleet.controller.artifacts.keys import load_signing_key, public_raw
+from edgefleet.controller.broker.mosquitto import free_port
 from edgefleet.controller.config import load_settings
-from edgefleet.controller.keys import load_signing_key, public_raw
-from edgefleet.controller.mosquitto import free_port
-from edgefleet.controller.rollout_plan import GateConfig, WavePlan
-from edgefleet.controller.rollout_status import describe
-from edgefleet.controller.rollouts import Rollouts
+from edgefleet.controller.rollout.api import Rollouts
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
+from edgefleet.controller.rollout.status import describe
+from edgefleet.controller.service.app import ControllerApp
 from edgefleet.protocols.profile import load_profile
 from edgefleet.protocols.signing import key_id
 

@@ -18,19 +18,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 from sqlmodel import select
 
-from edgefleet.controller.artifacts import ArtifactCatalog
-from edgefleet.controller.db import Database
+from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+from edgefleet.controller.artifacts.store import ArtifactStore
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.tables import AuditEntry, Device, Rollout, TelemetryRollup
 from edgefleet.controller.errors import ConflictError, NotFoundError
-from edgefleet.controller.recompress import RESTART_NOTE, BuildRequest, BuildResult, RecompressionLoop
-from edgefleet.controller.recompress_policy import RecompressionPolicy
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.rollout_engine import RolloutEngine
-from edgefleet.controller.rollout_metrics import RolloutCollector
-from edgefleet.controller.rollout_plan import GateConfig, WavePlan
-from edgefleet.controller.rollouts import Rollouts, class_current_version
-from edgefleet.controller.state_updates import apply_job_event
-from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import AuditEntry, Device, Rollout, TelemetryRollup
+from edgefleet.controller.recompress.loop import RESTART_NOTE, BuildRequest, BuildResult, RecompressionLoop
+from edgefleet.controller.recompress.policy import RecompressionPolicy
+from edgefleet.controller.rollout.api import Rollouts, class_current_version
+from edgefleet.controller.rollout.engine import RolloutEngine
+from edgefleet.controller.rollout.metrics import RolloutCollector
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
+from edgefleet.controller.service.state_updates import apply_job_event
 from edgefleet.protocols.codec import decode_command
 from edgefleet.protocols.commands import DeployCommand
 from edgefleet.protocols.messages import JobEvent
@@ -227,7 +227,7 @@ def test_the_planner_worker_builds_an_artifact_that_meets_the_updated_budget(set
     from edgefleet.compression import Task
     from edgefleet.compression.planner import PlanOptions
     from edgefleet.compression.training import fit
-    from edgefleet.controller.recompress_worker import PlannerBuilder
+    from edgefleet.controller.recompress.worker import PlannerBuilder
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()

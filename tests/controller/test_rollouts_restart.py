@@ -25,14 +25,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlmodel import select
 
-from edgefleet.controller.artifacts import ArtifactCatalog
-from edgefleet.controller.db import Database
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.rollout_plan import GateConfig, WavePlan
-from edgefleet.controller.rollouts import Rollouts
-from edgefleet.controller.state_updates import apply_job_event
-from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import DeploymentJob, Device, RolloutDevice, TelemetryRollup
+from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+from edgefleet.controller.artifacts.store import ArtifactStore
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.tables import DeploymentJob, Device, RolloutDevice, TelemetryRollup
+from edgefleet.controller.rollout.api import Rollouts
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
+from edgefleet.controller.service.state_updates import apply_job_event
 from edgefleet.protocols.codec import decode_command
 from edgefleet.protocols.commands import DeployCommand
 from edgefleet.protocols.messages import JobEvent
@@ -45,10 +45,10 @@ pytestmark = pytest.mark.mqtt
 PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
 ENGINE = """
 import sys, time
-from edgefleet.controller.db import Database
-from edgefleet.controller.mqtt import MqttClient
-from edgefleet.controller.rollout_engine import RolloutEngine
-from edgefleet.controller.rollout_runner import RolloutRunner
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.service.mqtt import MqttClient
+from edgefleet.controller.rollout.engine import RolloutEngine
+from edgefleet.controller.rollout.runner import RolloutRunner
 url, host, port, client_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 db = Database.open(url, timeout=5)
 mqtt = MqttClient(host=host, port=port, client_id=client_id, session_expiry_s=0)

@@ -12,14 +12,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 from sqlmodel import select
 
-from edgefleet.controller.app import device_state_counts, job_state_counts
-from edgefleet.controller.artifacts import ArtifactCatalog
-from edgefleet.controller.db import Database
-from edgefleet.controller.metrics import ControllerMetrics
-from edgefleet.controller.registry import Registry
-from edgefleet.controller.service import ControllerService
-from edgefleet.controller.store import ArtifactStore
-from edgefleet.controller.tables import DeploymentJob, Device, TelemetryRollup
+from edgefleet.controller.artifacts.catalog import ArtifactCatalog
+from edgefleet.controller.artifacts.store import ArtifactStore
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.tables import DeploymentJob, Device, TelemetryRollup
+from edgefleet.controller.service.app import device_state_counts, job_state_counts
+from edgefleet.controller.service.handlers import ControllerService
+from edgefleet.controller.service.metrics import ControllerMetrics
 from edgefleet.protocols.blocks import Bitmap, BlockRequest
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.profile import load_profile
@@ -205,7 +205,7 @@ def test_a_failed_flush_keeps_the_data(service, wire) -> None:
 
 def test_rejections_are_logged_once_per_sender_per_minute(service, caplog: pytest.LogCaptureFixture) -> None:
     svc, registry = service
-    with caplog.at_level("WARNING", logger="edgefleet.controller.service"):
+    with caplog.at_level("WARNING", logger="edgefleet.controller.service.handlers"):
         for _ in range(5):
             svc.handle(telemetry_topic("default", "pi-1"), b"junk")
         svc.handle(telemetry_topic("default", "pi-2"), b"junk")

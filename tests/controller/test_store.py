@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.controller.artifacts.keys import create_signing_key, load_signing_key, public_raw
+from edgefleet.controller.artifacts.store import ArtifactStore
 from edgefleet.controller.credentials import hash_secret, new_secret, password_file_line, verify_secret
 from edgefleet.controller.errors import KeyFileError, StoreError
-from edgefleet.controller.keys import create_signing_key, load_signing_key, public_raw
-from edgefleet.controller.store import ArtifactStore
 
 
 def test_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:

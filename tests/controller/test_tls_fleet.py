@@ -22,16 +22,16 @@ from waiting import wait_for
 from edgefleet.agent.credentials import read_credentials
 from edgefleet.agent.replay import load_dataset
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
-from edgefleet.controller.app import ControllerApp
-from edgefleet.controller.broker_config import managed_broker
+from edgefleet.controller.artifacts.keys import load_signing_key, public_raw
+from edgefleet.controller.broker.config import managed_broker
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto, find_mosquitto, free_port
 from edgefleet.controller.config import MqttTls, load_settings
 from edgefleet.controller.errors import ConfigError
-from edgefleet.controller.keys import load_signing_key, public_raw
-from edgefleet.controller.mosquitto import ManagedMosquitto, find_mosquitto, free_port
-from edgefleet.controller.mqtt import MqttClient, MqttError
-from edgefleet.controller.rollout_plan import GateConfig, WavePlan
-from edgefleet.controller.rollout_status import describe
-from edgefleet.controller.rollouts import Rollouts
+from edgefleet.controller.rollout.api import Rollouts
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
+from edgefleet.controller.rollout.status import describe
+from edgefleet.controller.service.app import ControllerApp
+from edgefleet.controller.service.mqtt import MqttClient, MqttError
 from edgefleet.protocols.profile import load_profile
 from edgefleet.protocols.signing import key_id
 

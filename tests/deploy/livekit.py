@@ -34,11 +34,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from typer.testing import CliRunner
 from waiting import wait_for
 
-from edgefleet.controller.app import ControllerApp
-from edgefleet.controller.cli import app as cli_app
+from edgefleet.controller.cli.main import app as cli_app
 from edgefleet.controller.config import load_settings
-from edgefleet.controller.recompress import BuildRequest, BuildResult, RecompressionLoop
-from edgefleet.controller.recompress_policy import RecompressionPolicy
+from edgefleet.controller.recompress.loop import BuildRequest, BuildResult, RecompressionLoop
+from edgefleet.controller.recompress.policy import RecompressionPolicy
+from edgefleet.controller.service.app import ControllerApp
 from edgefleet.protocols.blocks import Bitmap, BlockRequest
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.messages import Birth, Capabilities, DeviceState, RunningModel, SlotState, Status

@@ -22,8 +22,8 @@ from livekit import wait_for
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from typer.testing import CliRunner
 
-from edgefleet.controller.cli import app as cli_app
-from edgefleet.controller.mosquitto import find_mosquitto, port_answers
+from edgefleet.controller.broker.mosquitto import find_mosquitto, port_answers
+from edgefleet.controller.cli.main import app as cli_app
 
 pytestmark = pytest.mark.mqtt
 

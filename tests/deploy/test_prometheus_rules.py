@@ -21,9 +21,9 @@ from deploykit import (
 from prometheus_client import CollectorRegistry
 from sqlmodel import SQLModel
 
-from edgefleet.controller.db import Database
-from edgefleet.controller.metrics import ControllerMetrics
-from edgefleet.controller.rollout_metrics import RolloutCollector
+from edgefleet.controller.data.db import Database
+from edgefleet.controller.rollout.metrics import RolloutCollector
+from edgefleet.controller.service.metrics import ControllerMetrics
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS, TelemetryBatch
 
 # Series Prometheus makes itself for every target.

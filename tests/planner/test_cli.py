@@ -12,7 +12,7 @@ import pytest
 from plankit import Tiny
 from typer.testing import CliRunner
 
-from edgefleet.controller.cli import app
+from edgefleet.controller.cli.main import app
 
 PROFILE = """[profile]
 name = "cli-class"
@@ -117,6 +117,6 @@ def test_missing_profile_file_is_one_clear_error(inputs: tuple[Path, Path], tmp_
 
 
 def test_the_cli_module_does_not_load_torch() -> None:
-    code = "import sys, edgefleet.controller.cli; assert 'torch' not in sys.modules, 'torch loaded'"
+    code = "import sys, edgefleet.controller.cli.main; assert 'torch' not in sys.modules, 'torch loaded'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

@@ -10,7 +10,7 @@ import pytest
 from plankit import Tiny
 from typer.testing import CliRunner
 
-from edgefleet.controller.cli import app
+from edgefleet.controller.cli.main import app
 
 PROFILE = """[profile]
 name = "{name}"

@@ -1,0 +1,1 @@
+"""Signed artifacts: the catalog, the content-addressed store, validation sets, signing keys."""

@@ -1,0 +1,1 @@
+"""What the controller stores: the database, its tables and migrations, the registry, the home, views."""

@@ -27,6 +27,7 @@ from typing import Annotated, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgefleet.compression.errors import RecipeError
+from edgefleet.protocols.errors import describe_problems
 
 __all__ = [
     "ActivationPruneConfig",
@@ -244,20 +245,12 @@ class Recipe(_Config):
             )
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def parse_recipe(data: object, *, source: str = "<recipe>") -> Recipe:
     """Validate a parsed document (dict from TOML or JSON); errors name the source and the field."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {_describe(exc)}") from exc
+        raise RecipeError(f"{source}: {describe_problems(exc, subject='recipe')}") from exc
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -274,5 +267,5 @@ def load_recipe(path: Path | str) -> Recipe:
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML ({exc})") from exc
     except ValidationError as exc:
-        raise RecipeError(f"{path}: {_describe(exc)}") from exc
+        raise RecipeError(f"{path}: {describe_problems(exc, subject='recipe')}") from exc
     return parse_recipe(data, source=str(path))

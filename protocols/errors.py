@@ -6,9 +6,12 @@ Each error carries a `result_code` (a `ResultCode`) so that a device can report 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from edgefleet.protocols.codes import ResultCode
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 __all__ = [
     "BlockError",
@@ -26,7 +29,16 @@ __all__ = [
     "UnknownKeyError",
     "UnsupportedSchemaError",
     "VerificationError",
+    "describe_problems",
 ]
+
+
+def describe_problems(exc: ValidationError, *, subject: str) -> str:
+    """A pydantic error as one line an operator can act on: `field.sub: message; other: message`.
+
+    `subject` names the whole document where an error has no field (e.g. "profile", "policy").
+    """
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or subject}: {err['msg']}" for err in exc.errors())
 
 
 class ProtocolError(ValueError):

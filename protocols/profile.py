@@ -39,7 +39,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgefleet.protocols.errors import ProfileError
+from edgefleet.protocols.errors import ProfileError, describe_problems
 
 __all__ = ["DeviceProfile", "ReferenceTimes", "load_profile", "parse_profile", "read_profile_file"]
 
@@ -140,14 +140,6 @@ class DeviceProfile(BaseModel):
         return tuple(int(part) for part in re.findall(r"\d+", self.onnxruntime_version))
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "profile"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def parse_profile(data: dict[str, Any], *, source: str = "<profile>") -> DeviceProfile:
     """Validate a parsed TOML document (its `[profile]` table); errors name the field and the source."""
     table = data.get("profile")
@@ -156,7 +148,7 @@ def parse_profile(data: dict[str, Any], *, source: str = "<profile>") -> DeviceP
     try:
         return DeviceProfile.model_validate(table)
     except ValidationError as exc:
-        raise ProfileError(f"{source}: {_describe(exc)}") from exc
+        raise ProfileError(f"{source}: {describe_problems(exc, subject='profile')}") from exc
 
 
 def read_profile_file(path: Path | str) -> dict[str, Any]:

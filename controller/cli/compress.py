@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from edgefleet.controller.cli.sources import DataOpt, ExampleOpt, ModelOpt, OnnxOpt, fail, load_model_source
+from edgefleet.controller.cli.common import fail
+from edgefleet.controller.cli.sources import DataOpt, ExampleOpt, ModelOpt, OnnxOpt, load_model_source
 
 if TYPE_CHECKING:
     from rich.console import Console

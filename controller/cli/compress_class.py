@@ -14,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.controller.cli.common import open_registry, settings_of
-from edgefleet.controller.cli.sources import DataOpt, ExampleOpt, ModelOpt, OnnxOpt, fail, load_model_source
+from edgefleet.controller.cli.common import fail, open_registry, settings_of
+from edgefleet.controller.cli.sources import DataOpt, ExampleOpt, ModelOpt, OnnxOpt, load_model_source
 
 __all__ = ["compress_for_class"]
 

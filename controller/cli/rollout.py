@@ -25,6 +25,7 @@ from edgefleet.controller.errors import ConfigError
 from edgefleet.controller.rollout.api import Rollouts
 from edgefleet.controller.rollout.plan import FINAL_ROW_STATES, GateConfig, Selector, WavePlan, parse_canary
 from edgefleet.controller.rollout.status import describe, summary_row
+from edgefleet.protocols.errors import describe_problems
 
 __all__ = ["rollout_app"]
 
@@ -61,8 +62,7 @@ def _validated(kind: str, build: Any) -> Any:
     try:
         return build()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{kind}: {problems}") from exc
+        raise ConfigError(f"{kind}: {describe_problems(exc, subject=kind)}") from exc
 
 
 @rollout_app.command("start")

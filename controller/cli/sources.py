@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from edgefleet.compression.task import Task
 
-__all__ = ["DataOpt", "ExampleName", "ExampleOpt", "ModelOpt", "OnnxOpt", "fail", "load_model_source"]
+__all__ = ["DataOpt", "ExampleName", "ExampleOpt", "ModelOpt", "OnnxOpt", "load_model_source"]
 
 
 class ExampleName(StrEnum):
@@ -30,12 +30,6 @@ ExampleOpt = Annotated[ExampleName | None, typer.Option(help="a shipped example 
 ModelOpt = Annotated[str | None, typer.Option(help="your model: 'package.module:factory' or a torch.export .pt2 file")]
 OnnxOpt = Annotated[Path | None, typer.Option("--onnx", help="your ONNX model (only quantize/fp16 passes apply)")]
 DataOpt = Annotated[Path | None, typer.Option(help=".npz with x_train, y_train, x_val, y_val")]
-
-
-def fail(message: str) -> typer.Exit:
-    """Print `error: message` on stderr and return the exit (code 1) for the caller to raise."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
 
 
 def load_model_source(

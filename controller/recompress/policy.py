@@ -30,7 +30,7 @@ from sqlmodel import Session, col, select
 from edgefleet.controller.data.tables import Artifact, DeploymentJob, TelemetryRollup
 from edgefleet.controller.errors import ConfigError
 from edgefleet.controller.rollout.gates import p95_bound
-from edgefleet.protocols.errors import ProfileError
+from edgefleet.protocols.errors import ProfileError, describe_problems
 from edgefleet.protocols.profile import MAX_PROFILE_FILE_BYTES, DeviceProfile, read_profile_file
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS
 
@@ -96,8 +96,7 @@ def parse_policy(document: dict[str, Any], *, source: str = "<policy>") -> Recom
     try:
         return RecompressionPolicy.model_validate(table)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'policy'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{source}: [policy] {problems}") from exc
+        raise ConfigError(f"{source}: [policy] {describe_problems(exc, subject='policy')}") from exc
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

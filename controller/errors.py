@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 __all__ = [
+    "BrokerError",
     "ConfigError",
     "ConflictError",
     "ControllerError",
     "DatabaseUnavailableError",
     "KeyFileError",
+    "MqttError",
     "NotFoundError",
+    "NothingFitsError",
     "RegistryError",
     "StoreError",
     "UnavailableError",
+    "ValidationDataError",
 ]
 
 
@@ -49,3 +53,19 @@ class KeyFileError(ControllerError):
 
 class UnavailableError(ControllerError):
     """A feature that needs a part of edgefleet which is not installed or not built yet."""
+
+
+class BrokerError(ControllerError):
+    """The managed broker could not be started or did not answer."""
+
+
+class MqttError(ControllerError):
+    """The broker cannot be reached, refused us, or did not acknowledge a publish in time."""
+
+
+class NothingFitsError(ControllerError):
+    """The planner found no recipe that fits the class; nothing was stored."""
+
+
+class ValidationDataError(ControllerError):
+    """The validation data cannot be read, or does not fit the model; nothing was stored."""

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.controller.broker.mosquitto import BrokerError, ManagedMosquitto, find_mosquitto, port_answers
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto, find_mosquitto, port_answers
+from edgefleet.controller.errors import BrokerError
 
 # Helper modules shared by several test folders (e.g. waiting.py) live in tests/ itself; there is no package.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

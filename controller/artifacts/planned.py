@@ -16,16 +16,12 @@ from typing import TYPE_CHECKING, Any
 from edgefleet.controller.artifacts.catalog import ArtifactCatalog
 from edgefleet.controller.artifacts.validation_set import ValidationSet
 from edgefleet.controller.data.tables import Artifact
-from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.errors import NothingFitsError
 
 if TYPE_CHECKING:
     from edgefleet.compression.plan_models import Candidate, PlanResult
 
-__all__ = ["NothingFitsError", "plan_metrics", "store_planned", "validation_of"]
-
-
-class NothingFitsError(ControllerError):
-    """The planner found no recipe that fits the class; nothing was stored."""
+__all__ = ["plan_metrics", "store_planned", "validation_of"]
 
 
 def plan_metrics(chosen: Candidate) -> dict[str, float]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.controller.artifacts.numerics import NumericKind, numeric_kind, output_steps, shifted, tolerances_for
-from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.errors import ValidationDataError
 from edgefleet.protocols.manifest import (
     DTYPE_SIZES,
     MAX_INLINE_TENSOR_BYTES,
@@ -45,7 +45,6 @@ __all__ = [
     "MAX_SAMPLES",
     "MAX_VALIDATION_BYTES",
     "MAX_VALIDATION_FILE_BYTES",
-    "ValidationDataError",
     "ValidationSet",
     "build_validation",
 ]
@@ -61,10 +60,6 @@ _MAX_RANK = 8  # InlineTensor shapes have at most 8 axes: (1, *features) for one
 _MAX_LABEL = 2**31
 _POOL_FACTOR = 4  # candidates looked at per sample kept, so that near-ties can be skipped
 _LEVELS = 255  # steps in an 8-bit range
-
-
-class ValidationDataError(ControllerError):
-    """The validation data cannot be read, or does not fit the model; nothing was stored."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from edgefleet.controller.errors import BrokerError
+
 __all__ = [
-    "BrokerError",
     "ManagedMosquitto",
     "TlsListener",
     "find_mosquitto",
@@ -37,10 +38,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class BrokerError(RuntimeError):
-    """The managed broker could not be started or did not answer."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -24,11 +24,10 @@ from edgefleet.controller.broker.config import (
     record_broker_pid,
     write_broker_config,
 )
-from edgefleet.controller.broker.mosquitto import BrokerError
 from edgefleet.controller.cli.common import JsonOpt, emit, fail, guarded, open_registry, settings_of
 from edgefleet.controller.config import Settings, convert_setting
 from edgefleet.controller.data.views import fleet_line
-from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.errors import BrokerError, ControllerError
 from edgefleet.controller.service.deploy import Deployer
 from edgefleet.controller.service.mqtt import MqttClient
 

@@ -29,13 +29,13 @@ from edgefleet.controller.artifacts.keys import load_signing_key
 from edgefleet.controller.artifacts.store import ArtifactStore
 from edgefleet.controller.artifacts.validation_set import ValidationSet
 from edgefleet.controller.broker.config import managed_broker, write_broker_config
-from edgefleet.controller.broker.mosquitto import BrokerError, ManagedMosquitto, free_port, port_answers
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto, free_port, port_answers
 from edgefleet.controller.config import Settings
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.registry import Registry
 from edgefleet.controller.demo.credentials import credentials_path, ensure_credentials
 from edgefleet.controller.demo.fleet import simulated_ids
-from edgefleet.controller.errors import ConfigError, NotFoundError
+from edgefleet.controller.errors import BrokerError, ConfigError, NotFoundError
 from edgefleet.controller.service.app import ControllerApp
 from edgefleet.protocols.errors import ProtocolError
 from edgefleet.protocols.profile import DeviceProfile, load_profile

@@ -29,7 +29,7 @@ from edgefleet.controller.config import Settings
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.home import open_database
 from edgefleet.controller.data.tables import DeploymentJob, Device, utcnow
-from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.errors import ControllerError, MqttError
 from edgefleet.controller.recompress.loop import Builder, RecompressionLoop
 from edgefleet.controller.recompress.runner import RecompressionRunner, default_builder
 from edgefleet.controller.rollout.engine import RolloutEngine
@@ -38,7 +38,7 @@ from edgefleet.controller.rollout.runner import RolloutRunner
 from edgefleet.controller.service.blockserver import BlockServer
 from edgefleet.controller.service.handlers import BlockRequestHook, ControllerService
 from edgefleet.controller.service.metrics import ControllerMetrics
-from edgefleet.controller.service.mqtt import MqttClient, MqttError
+from edgefleet.controller.service.mqtt import MqttClient
 from edgefleet.protocols.blocks import BlockRequest
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.topics import artifact_blocks_topic, block_request_topic, controller_filters

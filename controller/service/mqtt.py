@@ -48,9 +48,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.controller.config import MqttTls
-from edgefleet.controller.errors import ConfigError, ControllerError
+from edgefleet.controller.errors import ConfigError, MqttError
 
-__all__ = ["MqttClient", "MqttError"]
+__all__ = ["MqttClient"]
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +210,6 @@ def _describe_tls(exc: BaseException) -> str:
     if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
         return f"{exc} (does the broker require a client certificate?)"
     return str(exc)
-
-
-class MqttError(ControllerError):
-    """The broker cannot be reached, refused us, or did not acknowledge a publish in time."""
 
 
 class MqttClient:

@@ -27,7 +27,8 @@ from edgefleet.agent.mqtt import MqttLink
 from edgefleet.agent.reactor import Reactor
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
 from edgefleet.agent.tls import client_tls_context
-from edgefleet.controller.broker.mosquitto import BrokerError, ManagedMosquitto, TlsListener, find_mosquitto, free_port
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto, TlsListener, find_mosquitto, free_port
+from edgefleet.controller.errors import BrokerError
 
 pytestmark = pytest.mark.mqtt
 

@@ -19,9 +19,10 @@ from waiting import wait_for
 
 from edgefleet.controller.broker.mosquitto import free_port
 from edgefleet.controller.config import load_settings
+from edgefleet.controller.errors import MqttError
 from edgefleet.controller.service.app import ControllerApp
 from edgefleet.controller.service.blockserver import BlockServer, ServedArtifact
-from edgefleet.controller.service.mqtt import MqttClient, MqttError
+from edgefleet.controller.service.mqtt import MqttClient
 from edgefleet.protocols.blocks import Bitmap, BlockRequest, decode_block
 from edgefleet.protocols.codec import encode
 from edgefleet.protocols.topics import artifact_blocks_topic, block_request_topic

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from waiting import wait_for
 
-from edgefleet.controller.broker.mosquitto import BrokerError, ManagedMosquitto, find_mosquitto, free_port
+from edgefleet.controller.broker.mosquitto import ManagedMosquitto, find_mosquitto, free_port
 from edgefleet.controller.config import load_settings
+from edgefleet.controller.errors import BrokerError
 from edgefleet.controller.service.app import ControllerApp
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,12 +26,12 @@ from edgefleet.controller.artifacts.keys import load_signing_key, public_raw
 from edgefleet.controller.broker.config import managed_broker
 from edgefleet.controller.broker.mosquitto import ManagedMosquitto, find_mosquitto, free_port
 from edgefleet.controller.config import MqttTls, load_settings
-from edgefleet.controller.errors import ConfigError
+from edgefleet.controller.errors import ConfigError, MqttError
 from edgefleet.controller.rollout.api import Rollouts
 from edgefleet.controller.rollout.plan import GateConfig, WavePlan
 from edgefleet.controller.rollout.status import describe
 from edgefleet.controller.service.app import ControllerApp
-from edgefleet.controller.service.mqtt import MqttClient, MqttError
+from edgefleet.controller.service.mqtt import MqttClient
 from edgefleet.protocols.profile import load_profile
 from edgefleet.protocols.signing import key_id
 

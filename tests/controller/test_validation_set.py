@@ -32,11 +32,11 @@ from edgefleet.controller.artifacts import validation_set as vs_module
 from edgefleet.controller.artifacts.catalog import ArtifactCatalog
 from edgefleet.controller.artifacts.numerics import NumericKind, numeric_kind, output_steps, shifted
 from edgefleet.controller.artifacts.store import ArtifactStore
-from edgefleet.controller.artifacts.validation_set import ValidationDataError, ValidationSet, build_validation
+from edgefleet.controller.artifacts.validation_set import ValidationSet, build_validation
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.registry import Registry
 from edgefleet.controller.data.tables import Artifact
-from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.errors import ControllerError, ValidationDataError
 from edgefleet.protocols.manifest import Manifest, TensorSpec, block_digests
 from edgefleet.protocols.profile import load_profile
 from edgefleet.protocols.signing import key_id, public_key_of, verify_manifest

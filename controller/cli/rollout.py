@@ -21,9 +21,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from edgefleet.controller.cli.common import JsonOpt, emit, guarded, open_registry, to_jsonable
+from edgefleet.controller.data.states import FINAL_ROLLOUT_STATES, FINAL_ROW_STATES
 from edgefleet.controller.errors import ConfigError
 from edgefleet.controller.rollout.api import Rollouts
-from edgefleet.controller.rollout.plan import FINAL_ROW_STATES, GateConfig, Selector, WavePlan, parse_canary
+from edgefleet.controller.rollout.plan import GateConfig, Selector, WavePlan, parse_canary
 from edgefleet.controller.rollout.status import describe, summary_row
 from edgefleet.protocols.errors import describe_problems
 
@@ -31,7 +32,6 @@ __all__ = ["rollout_app"]
 
 rollout_app = typer.Typer(help="Roll an artifact out in waves, gated on the model's health.", no_args_is_help=True)
 
-FINAL_ROLLOUT_STATES = {"aborted", "completed"}
 _GOOD = {"active"}  # a rolled-back device is not on the rollout's model: it shows under "other"
 # `rollout status` exits with the outcome: 0 completed (or, without --watch, still under way), 3 aborted,
 # 4 paused (waiting for `rollout resume` or `abort`).

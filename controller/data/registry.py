@@ -24,6 +24,7 @@ from sqlmodel import Session, col, func, select
 
 from edgefleet.controller.credentials import hash_secret, new_secret
 from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.states import RolloutState
 from edgefleet.controller.data.tables import (
     AuditEntry,
     ClassPolicy,
@@ -36,7 +37,6 @@ from edgefleet.controller.data.tables import (
 )
 from edgefleet.controller.errors import ConflictError, NotFoundError, RegistryError
 from edgefleet.controller.recompress.policy import RecompressionPolicy
-from edgefleet.controller.rollout.plan import RolloutState
 from edgefleet.protocols.errors import TopicError
 from edgefleet.protocols.profile import DeviceProfile
 from edgefleet.protocols.topics import check_id

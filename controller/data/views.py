@@ -10,12 +10,10 @@ from sqlmodel import col, select
 
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.states import LIVE_ROLLOUT_STATES
 from edgefleet.controller.data.tables import DeploymentJob, Device, Rollout, TelemetryRollup
-from edgefleet.controller.rollout.plan import RolloutState
 
 __all__ = ["device_detail", "fleet_line", "job_row"]
-
-_LIVE = [RolloutState.PENDING.value, RolloutState.RUNNING.value, RolloutState.PAUSED.value]
 
 
 def fleet_line(db: Database, fleet: str) -> str:
@@ -24,7 +22,7 @@ def fleet_line(db: Database, fleet: str) -> str:
 
     with db.reading("summarizing the fleet") as session:
         devices = session.exec(select(Device).where(Device.fleet == fleet)).all()
-        live = session.exec(select(Rollout).where(col(Rollout.state).in_(_LIVE))).all()
+        live = session.exec(select(Rollout).where(col(Rollout.state).in_([s.value for s in LIVE_ROLLOUT_STATES]))).all()
         states = Counter(r.state for r in live)
     if not devices:
         return f"fleet {fleet}: no device registered yet (`edgefleet device register`)"

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from sqlmodel import col, select
 
 from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.states import FINAL_ROLLOUT_STATES, FINAL_ROW_STATES
 from edgefleet.controller.data.tables import Artifact, Recompression, Rollout, RolloutDevice, TelemetryRollup, utcnow
 from edgefleet.controller.demo.report import Breach, histogram_quantile
 from edgefleet.controller.recompress.policy import RecompressionPolicy
-from edgefleet.controller.rollout.plan import FINAL_ROW_STATES, GateConfig, WavePlan
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
 from edgefleet.protocols.telemetry import LATENCY_BUCKETS_SECONDS
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
 ACCURACY_MARGIN = 0.08
 """The demo's accuracy floor is this far below the model's measured accuracy: wide enough for the noise of a few
 dozen labelled samples, far above what a model with swapped labels reaches (about 40% on the digits)."""
-FINAL_ROLLOUTS = frozenset({"completed", "aborted"})
 
 
 def rollout_plan(devices: int, *, timeout_s: float = 60.0) -> WavePlan:
@@ -149,7 +149,7 @@ class RolloutOutcome:
 
     @property
     def final(self) -> bool:
-        return self.state in FINAL_ROLLOUTS and self.settled
+        return self.state in FINAL_ROLLOUT_STATES and self.settled
 
 
 def rollout_outcome(db: Database, rollout_id: int, *, version: int) -> RolloutOutcome:

@@ -41,6 +41,7 @@ from sqlmodel import Session, col, select
 
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.registry import profile_of
+from edgefleet.controller.data.states import OPEN_RECOMPRESSION_STATES, RecompressionState, RolloutState
 from edgefleet.controller.data.tables import (
     Artifact,
     AuditEntry,
@@ -53,14 +54,13 @@ from edgefleet.controller.data.tables import (
 from edgefleet.controller.errors import ConflictError, ControllerError, DatabaseUnavailableError, NotFoundError
 from edgefleet.controller.recompress.policy import RecompressionPolicy, Trigger, detect
 from edgefleet.controller.rollout.api import Rollouts, class_current_version
-from edgefleet.controller.rollout.plan import GateConfig, RolloutState, WavePlan
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
 from edgefleet.protocols.profile import DeviceProfile
 
 __all__ = ["BuildRequest", "BuildResult", "Builder", "RecompressionLoop"]
 
 log = logging.getLogger(__name__)
 
-OPEN_STATES = ("building", "pending", "rolling_out")
 RESTART_NOTE = "retrying: the controller stopped during this build"
 BUILD_STARTED = "building since"  # the note of a row whose build began
 RETRY_STARTED = "; building again since"  # appended to RESTART_NOTE when the retried build begins
@@ -160,7 +160,9 @@ class RecompressionLoop:
         self._build(now)
         with self.db.reading("listing approved recompressions") as session:
             waiting = session.exec(
-                select(Recompression.id).where(Recompression.state == "pending", Recompression.mode == "auto")
+                select(Recompression.id).where(
+                    Recompression.state == RecompressionState.PENDING.value, Recompression.mode == "auto"
+                )
             ).all()
         for recompression_id in waiting:
             if recompression_id is not None:
@@ -193,7 +195,7 @@ class RecompressionLoop:
             select(Recompression).where(Recompression.class_name == class_name).order_by(col(Recompression.id).desc())
         ).first()
         if recent is not None and (
-            recent.state in OPEN_STATES
+            recent.state in OPEN_RECOMPRESSION_STATES
             or (recent.finished_at is not None and (now - recent.finished_at).total_seconds() < policy.cooldown_s)
         ):
             return True
@@ -219,7 +221,7 @@ class RecompressionLoop:
             trigger=trigger.kind,
             summary=trigger.summary,
             evidence_json=json.dumps(trigger.evidence, default=str),
-            state="building",
+            state=RecompressionState.BUILDING.value,
             mode=policy.mode,
             created_at=now,
             updated_at=now,
@@ -242,7 +244,11 @@ class RecompressionLoop:
 
     def _build(self, now: dt.datetime) -> None:
         with self.db.reading("listing recompressions to build") as session:
-            todo = list(session.exec(select(Recompression).where(Recompression.state == "building")).all())
+            todo = list(
+                session.exec(
+                    select(Recompression).where(Recompression.state == RecompressionState.BUILDING.value)
+                ).all()
+            )
             requests = []
             for row in todo:
                 class_row = session.get(DeviceClass, row.class_name)
@@ -253,7 +259,12 @@ class RecompressionLoop:
                     )  # fmt: skip
         for request in requests:
             if self.builder is None:
-                self._finish(request.recompression_id, "failed", now, note="no compression worker is attached")
+                self._finish(
+                    request.recompression_id,
+                    RecompressionState.FAILED.value,
+                    now,
+                    note="no compression worker is attached",
+                )
             elif self.submit is not None:
                 self.submit(request)
             else:
@@ -283,14 +294,16 @@ class RecompressionLoop:
 
     def fail(self, recompression_id: int, note: str, now: dt.datetime | None = None) -> None:
         """End a recompression that is still building as failed, with the reason."""
-        self._finish(recompression_id, "failed", now or self.clock(), note=note)
+        self._finish(recompression_id, RecompressionState.FAILED.value, now or self.clock(), note=note)
 
     def begin_build(self, recompression_id: int, now: dt.datetime | None = None) -> bool:
         """Mark the row's build as begun (what `recover` goes by); False when it is no longer building."""
         now = now or self.clock()
         with self.db.transaction(f"starting the build of recompression {recompression_id}") as session:
             row = session.get(Recompression, recompression_id, with_for_update=True)
-            if row is None or row.state != "building":  # recorded or rejected since it was listed
+            if (
+                row is None or row.state != RecompressionState.BUILDING.value
+            ):  # recorded or rejected since it was listed
                 return False
             if row.note is not None and row.note.startswith(RESTART_NOTE):
                 if RETRY_STARTED not in row.note:
@@ -309,11 +322,13 @@ class RecompressionLoop:
         now = now or self.clock()
         retried = []
         with self.db.transaction("recovering interrupted recompression builds") as session:
-            rows = session.exec(select(Recompression).where(Recompression.state == "building")).all()
+            rows = session.exec(
+                select(Recompression).where(Recompression.state == RecompressionState.BUILDING.value)
+            ).all()
             for row in rows:
                 note = row.note or ""
                 if note.startswith(RESTART_NOTE) and RETRY_STARTED in note:
-                    row.state, row.finished_at = "failed", now
+                    row.state, row.finished_at = RecompressionState.FAILED.value, now
                     row.note = "the controller stopped twice during this build; giving up (see the controller log)"
                     action = "recompress.failed"
                 elif not note.startswith(BUILD_STARTED):
@@ -332,10 +347,10 @@ class RecompressionLoop:
     def _built(self, recompression_id: int, result: BuildResult, now: dt.datetime) -> None:
         with self.db.transaction(f"recording the build of recompression {recompression_id}") as session:
             row = session.get(Recompression, recompression_id, with_for_update=True)
-            if row is None or row.state != "building":
+            if row is None or row.state != RecompressionState.BUILDING.value:
                 return
             row.artifact_id, row.report_json = result.artifact_id, json.dumps(result.report, default=str)
-            row.state, row.updated_at = "pending", now
+            row.state, row.updated_at = RecompressionState.PENDING.value, now
             if row.note is not None and row.note.startswith(BUILD_STARTED):
                 row.note = None  # the build is over; a retry's note stays (why it was built twice)
             session.add(row)
@@ -351,23 +366,39 @@ class RecompressionLoop:
         except ControllerError as exc:  # e.g. no device of the class matches: retrying cannot help
             log.warning("recompression %s: cannot start its rollout: %s", recompression_id, exc)
             self._finish(
-                recompression_id, "failed", self.clock(), note=f"rollout not started: {exc}", states=("pending",)
+                recompression_id,
+                RecompressionState.FAILED.value,
+                self.clock(),
+                note=f"rollout not started: {exc}",
+                states=(RecompressionState.PENDING.value,),
             )
 
     def _follow(self, now: dt.datetime) -> None:
         with self.db.transaction("following recompression rollouts") as session:
-            rows = session.exec(select(Recompression).where(Recompression.state == "rolling_out")).all()
+            rows = session.exec(
+                select(Recompression).where(Recompression.state == RecompressionState.ROLLING_OUT.value)
+            ).all()
             for row in rows:
                 rollout = session.get(Rollout, row.rollout_id) if row.rollout_id is not None else None
                 if rollout is None or rollout.state in LIVE_ROLLOUTS:
                     continue
-                row.state = "done" if rollout.state == RolloutState.COMPLETED else "failed"
+                row.state = (
+                    RecompressionState.DONE.value
+                    if rollout.state == RolloutState.COMPLETED
+                    else RecompressionState.FAILED.value
+                )
                 row.note = f"rollout {rollout.id} {rollout.state}"
                 row.updated_at = row.finished_at = now
                 session.add(row)
 
     def _finish(
-        self, recompression_id: int, state: str, now: dt.datetime, *, note: str, states: tuple[str, ...] = ("building",)
+        self,
+        recompression_id: int,
+        state: str,
+        now: dt.datetime,
+        *,
+        note: str,
+        states: tuple[str, ...] = (RecompressionState.BUILDING.value,),
     ) -> None:
         with self.db.transaction(f"ending recompression {recompression_id}") as session:
             row = session.get(Recompression, recompression_id, with_for_update=True)
@@ -392,10 +423,10 @@ class RecompressionLoop:
                 sa.update(Recompression)
                 .where(
                     col(Recompression.id) == recompression_id,
-                    col(Recompression.state) == "pending",
+                    col(Recompression.state) == RecompressionState.PENDING.value,
                     col(Recompression.artifact_id).is_not(None),
                 )
-                .values(state="rolling_out", decided_by=actor or self.actor, updated_at=now)
+                .values(state=RecompressionState.ROLLING_OUT.value, decided_by=actor or self.actor, updated_at=now)
             )
             stored = session.get(Recompression, recompression_id, populate_existing=True)
             if stored is None:
@@ -422,9 +453,9 @@ class RecompressionLoop:
                 raise NotFoundError(
                     f"recompression {recompression_id} does not exist (see `edgefleet recompress list`)"
                 )
-            if row.state not in {"building", "pending"}:
+            if row.state not in {RecompressionState.BUILDING.value, RecompressionState.PENDING.value}:
                 raise ConflictError(f"recompression {recompression_id} is {row.state}; it can no longer be rejected")
-            row.state, row.note, row.decided_by = "rejected", reason, actor or self.actor
+            row.state, row.note, row.decided_by = RecompressionState.REJECTED.value, reason, actor or self.actor
             row.updated_at = row.finished_at = now
             session.add(row)
             self._audit(session, "recompress.reject", row.class_name, now, id=row.id, reason=reason)

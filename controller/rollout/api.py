@@ -25,6 +25,7 @@ from sqlmodel import Session, col, func, select
 
 from edgefleet.controller.artifacts.catalog import ArtifactCatalog
 from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.states import LIVE_ROLLOUT_STATES, RolloutState, RowState
 from edgefleet.controller.data.tables import (
     Artifact,
     AuditEntry,
@@ -36,15 +37,7 @@ from edgefleet.controller.data.tables import (
     utcnow,
 )
 from edgefleet.controller.errors import ConflictError, NotFoundError, RegistryError
-from edgefleet.controller.rollout.plan import (
-    BREACH_ACTIONS,
-    GATE_NAMES,
-    GateConfig,
-    RolloutState,
-    RowState,
-    Selector,
-    WavePlan,
-)
+from edgefleet.controller.rollout.plan import BREACH_ACTIONS, GATE_NAMES, GateConfig, Selector, WavePlan
 from edgefleet.protocols.codes import JobState, ResultCode
 
 __all__ = [
@@ -55,8 +48,6 @@ __all__ = [
     "lock_class",
     "matching_devices",
 ]
-
-LIVE_STATES = (RolloutState.PENDING, RolloutState.RUNNING, RolloutState.PAUSED)
 
 
 def audit(session: Session, *, actor: str, action: str, rollout: Rollout, now: dt.datetime, **detail: Any) -> None:
@@ -218,7 +209,8 @@ class Rollouts:
         lock_class(session, artifact.class_name)  # two starts for one class: the second waits, then sees busy
         busy = session.exec(
             select(Rollout).where(
-                Rollout.class_name == artifact.class_name, col(Rollout.state).in_([s.value for s in LIVE_STATES])
+                Rollout.class_name == artifact.class_name,
+                col(Rollout.state).in_([s.value for s in LIVE_ROLLOUT_STATES]),
             )
         ).first()
         if busy is not None:
@@ -314,7 +306,7 @@ class Rollouts:
         """Abort; the engine sends rollbacks to the devices already updated. Returns (rollout, rollbacks due)."""
         with self.db.transaction(f"aborting rollout {rollout_id}") as session:
             rollout = self._get(session, rollout_id)
-            if rollout.state not in {s.value for s in LIVE_STATES}:
+            if rollout.state not in {s.value for s in LIVE_ROLLOUT_STATES}:
                 raise ConflictError(f"rollout {rollout_id} is already {rollout.state}")
             rollout.breach_json = json.dumps({"by": self.actor, "reason": reason})
             rollbacks = abort_in_session(session, rollout, now=self.clock(), actor=self.actor, reason=reason)

@@ -29,18 +29,12 @@ from collections.abc import Callable, Sequence
 from sqlmodel import Session, col, select
 
 from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.states import DONE_ROW_STATES, JobRecordState, RolloutState, RowState
 from edgefleet.controller.data.tables import Artifact, DeploymentJob, Device, Rollout, RolloutDevice, utcnow
 from edgefleet.controller.errors import ControllerError
 from edgefleet.controller.rollout.api import audit, keep_without_rollback, matching_devices
 from edgefleet.controller.rollout.judge import judge_rollout
-from edgefleet.controller.rollout.plan import (
-    DONE_ROW_STATES,
-    LATE_WAVE,
-    RolloutState,
-    RowState,
-    Selector,
-    WavePlan,
-)
+from edgefleet.controller.rollout.plan import LATE_WAVE, Selector, WavePlan
 from edgefleet.controller.rollout.sync import sync_rows
 from edgefleet.controller.service.deploy import Publisher
 from edgefleet.controller.service.metrics import ControllerMetrics
@@ -55,7 +49,6 @@ __all__ = ["LATE_WAVE", "RolloutEngine", "TickReport"]
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-QUEUED, SENT = "queued", "sent"
 
 
 @dataclasses.dataclass(slots=True)
@@ -228,7 +221,7 @@ class RolloutEngine:
                     id=job_id,
                     device_id=row.device_id,
                     artifact_id=rollout.artifact_id,
-                    state=QUEUED,
+                    state=JobRecordState.QUEUED.value,
                     detail=f"rollout {rollout_id} wave {row.wave}",
                     created_at=now,
                     updated_at=now,
@@ -254,7 +247,7 @@ class RolloutEngine:
                 id=job_id,
                 device_id=row.device_id,
                 artifact_id=previous or rollout.artifact_id,
-                state=QUEUED,
+                state=JobRecordState.QUEUED.value,
                 detail=f"rollback (rollout {rollout.id})",
                 created_at=now,
                 updated_at=now,
@@ -273,7 +266,7 @@ class RolloutEngine:
                     (col(RolloutDevice.job_id) == col(DeploymentJob.id))
                     | (col(RolloutDevice.rollback_job_id) == col(DeploymentJob.id)),
                 )
-                .where(DeploymentJob.state == QUEUED)
+                .where(DeploymentJob.state == JobRecordState.QUEUED.value)
             ).all()
             found = []
             for row, job in pairs:
@@ -308,8 +301,10 @@ class RolloutEngine:
             with self.db.transaction("recording rollout publishes") as session:
                 for job_id in sent:
                     stored = session.get(DeploymentJob, job_id, with_for_update=True)
-                    if stored is not None and stored.state == QUEUED:  # the device may have answered already
-                        stored.state, stored.updated_at = SENT, now
+                    if (
+                        stored is not None and stored.state == JobRecordState.QUEUED.value
+                    ):  # the device may have answered already
+                        stored.state, stored.updated_at = JobRecordState.SENT.value, now
                         session.add(stored)
             report.published += len(sent)
 

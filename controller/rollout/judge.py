@@ -14,6 +14,7 @@ import json
 from sqlmodel import Session, col, select
 
 from edgefleet.controller.data.registry import profile_of
+from edgefleet.controller.data.states import DONE_ROW_STATES, RolloutState, RowState
 from edgefleet.controller.data.tables import Artifact, Device, DeviceClass, Rollout, RolloutDevice
 from edgefleet.controller.rollout.api import abort_in_session, audit
 from edgefleet.controller.rollout.gates import (
@@ -28,7 +29,7 @@ from edgefleet.controller.rollout.gates import (
     collect_evidence,
     judge,
 )
-from edgefleet.controller.rollout.plan import DONE_ROW_STATES, GateConfig, RolloutState, RowState
+from edgefleet.controller.rollout.plan import GateConfig
 
 __all__ = ["judge_rollout"]
 

@@ -26,9 +26,10 @@ from sqlmodel import col, or_, select
 
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.registry import profile_of
+from edgefleet.controller.data.states import RolloutState, RowState
 from edgefleet.controller.data.tables import Artifact, DeviceClass, Recompression, Rollout, RolloutDevice, utcnow
 from edgefleet.controller.rollout.gates import accuracy_threshold
-from edgefleet.controller.rollout.plan import GateConfig, RolloutState, RowState
+from edgefleet.controller.rollout.plan import GateConfig
 from edgefleet.controller.rollout.status import wave_label
 from edgefleet.protocols.profile import DeviceProfile
 

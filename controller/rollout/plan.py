@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import math
 import re
-from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
-    "ACTIVE_ROW_STATES",
     "BREACH_ACTIONS",
-    "DONE_ROW_STATES",
-    "FINAL_ROW_STATES",
     "GATE_NAMES",
     "LATE_WAVE",
     "GateConfig",
-    "RolloutState",
-    "RowState",
     "Selector",
     "WavePlan",
     "parse_canary",
@@ -36,45 +30,6 @@ _CANARY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
 BREACH_ACTIONS = ("pause", "abort")
 LATE_WAVE = -1  # the wave of devices that got a completed rollout's model after it ended (catch-up)
 GATE_NAMES = ("accuracy", "latency_p95", "error_rate", "job_failure_rate")
-
-
-class RolloutState(StrEnum):
-    """A rollout's state; `pending` until the engine's first step, `aborted` and `completed` are final."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    PAUSED = "paused"
-    ABORTED = "aborted"
-    COMPLETED = "completed"
-
-
-class RowState(StrEnum):
-    """A device's state in one rollout (`rollout_devices.state`)."""
-
-    PENDING = "pending"  # in a wave, no job yet
-    IN_PROGRESS = "in_progress"  # deploy job created (queued or sent), not final
-    ACTIVE = "active"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    ROLLED_BACK = "rolled_back"  # the device went back: its probation failed, or our rollback did it
-    CANCELLED = "cancelled"  # never sent: the rollout was aborted first
-    ROLLBACK_PENDING = "rollback_pending"  # the rollout was aborted; a rollback job is to be sent
-    ROLLING_BACK = "rolling_back"
-    ROLLBACK_FAILED = "rollback_failed"
-    # The rollout was aborted but the device had no model before it (or its previous slot is gone): there is
-    # nothing to go back to, so it keeps running the rollout's model. Final; `detail` says which version it keeps.
-    NO_PREVIOUS_MODEL = "no_previous_model"
-
-
-FINAL_ROW_STATES = frozenset(
-    {RowState.ACTIVE, RowState.FAILED, RowState.TIMED_OUT, RowState.ROLLED_BACK, RowState.CANCELLED,
-     RowState.ROLLBACK_FAILED, RowState.NO_PREVIOUS_MODEL}
-)  # fmt: skip
-# A wave is done when each of its devices reached one of these (the deploy job ended, one way or the other).
-DONE_ROW_STATES = frozenset({RowState.ACTIVE, RowState.FAILED, RowState.TIMED_OUT, RowState.ROLLED_BACK})
-ACTIVE_ROW_STATES = frozenset(
-    {RowState.PENDING, RowState.IN_PROGRESS, RowState.ROLLBACK_PENDING, RowState.ROLLING_BACK}
-)
 
 
 def parse_canary(text: str) -> tuple[float, bool]:

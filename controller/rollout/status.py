@@ -18,10 +18,11 @@ from typing import Any
 from sqlmodel import Session, select
 
 from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.states import FINAL_ROW_STATES, RowState
 from edgefleet.controller.data.tables import Artifact, Rollout, RolloutDevice
 from edgefleet.controller.errors import NotFoundError
 from edgefleet.controller.rollout.api import matching_devices
-from edgefleet.controller.rollout.plan import FINAL_ROW_STATES, LATE_WAVE, GateConfig, RowState, Selector, WavePlan
+from edgefleet.controller.rollout.plan import LATE_WAVE, GateConfig, Selector, WavePlan
 
 __all__ = ["describe", "describe_in_session", "summary_row", "wave_label"]
 

@@ -12,8 +12,9 @@ import datetime as dt
 
 from sqlmodel import Session, col, select
 
+from edgefleet.controller.data.states import RolloutState, RowState
 from edgefleet.controller.data.tables import Artifact, DeploymentJob, Rollout, RolloutDevice
-from edgefleet.controller.rollout.plan import RolloutState, RowState, WavePlan
+from edgefleet.controller.rollout.plan import WavePlan
 from edgefleet.protocols.codes import JobState, ResultCode
 
 __all__ = ["sync_rows"]

@@ -23,16 +23,16 @@ from sqlmodel import col, select
 
 from edgefleet.controller.artifacts.catalog import ArtifactCatalog
 from edgefleet.controller.data.db import Database
+from edgefleet.controller.data.states import JobRecordState
 from edgefleet.controller.data.tables import AuditEntry, DeploymentJob, Device, utcnow
 from edgefleet.controller.errors import ControllerError, NotFoundError, RegistryError
 from edgefleet.protocols.codec import encode
+from edgefleet.protocols.codes import JobState
 from edgefleet.protocols.commands import DeployCommand
 from edgefleet.protocols.manifest import SignedManifest
 from edgefleet.protocols.topics import command_topic
 
 __all__ = ["DeployResult", "Deployer", "Publisher"]
-
-QUEUED, SENT, FAILED = "queued", "sent", "failed"
 
 
 class Publisher(Protocol):
@@ -119,7 +119,7 @@ class Deployer:
                         id=jobs[device.id],
                         device_id=device.id,
                         artifact_id=artifact.id or 0,
-                        state=QUEUED,
+                        state=JobRecordState.QUEUED.value,
                         created_at=now,
                         updated_at=now,
                     )
@@ -158,9 +158,9 @@ class Deployer:
                     expiry_s=int((expires_at - now).total_seconds()),
                     timeout=timeout,
                 )
-                results.append(DeployResult(jobs[device.id], device.id, SENT))
+                results.append(DeployResult(jobs[device.id], device.id, JobRecordState.SENT.value))
             except ControllerError as exc:
-                results.append(DeployResult(jobs[device.id], device.id, FAILED, str(exc)))
+                results.append(DeployResult(jobs[device.id], device.id, JobState.FAILED.value, str(exc)))
         return results
 
     def _record_sends(self, results: list[DeployResult]) -> None:
@@ -168,11 +168,11 @@ class Deployer:
         with self.db.transaction("recording deploy publishes") as session:
             for result in results:
                 job = session.get(DeploymentJob, result.job_id)
-                if job is None or job.state != QUEUED:
+                if job is None or job.state != JobRecordState.QUEUED.value:
                     continue  # the device already reported progress
                 job.state = result.state
                 job.detail = result.error
                 job.updated_at = now
-                if result.state == FAILED:
+                if result.state == JobState.FAILED.value:
                     job.finished_at = now
                 session.add(job)

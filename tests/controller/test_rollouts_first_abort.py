@@ -34,11 +34,12 @@ from edgefleet.controller.broker.mosquitto import free_port
 from edgefleet.controller.config import load_settings
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.registry import Registry
+from edgefleet.controller.data.states import FINAL_ROW_STATES
 from edgefleet.controller.data.tables import DeploymentJob, Device, RolloutDevice
 from edgefleet.controller.rollout.api import Rollouts
 from edgefleet.controller.rollout.engine import RolloutEngine
 from edgefleet.controller.rollout.metrics import outcome_of
-from edgefleet.controller.rollout.plan import FINAL_ROW_STATES, GateConfig, WavePlan
+from edgefleet.controller.rollout.plan import GateConfig, WavePlan
 from edgefleet.controller.rollout.status import describe
 from edgefleet.controller.service.app import ControllerApp, device_state_counts, job_state_counts
 from edgefleet.controller.service.handlers import ControllerService

@@ -17,6 +17,7 @@ from edgefleet.controller.config import Settings
 from edgefleet.controller.data.registry import DeviceCredential, Registry
 from edgefleet.controller.data.views import device_detail
 from edgefleet.controller.errors import ConfigError
+from edgefleet.protocols.credentials_file import CredentialRow, format_credentials
 
 __all__ = ["device_app", "read_id_csv"]
 
@@ -67,13 +68,9 @@ def _ids(device_id: list[str] | None, count: int | None, prefix: str | None, csv
 
 
 def _write_credentials(path: Path, creds: list[DeviceCredential], host: str, port: int) -> None:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["device_id", "username", "password", "fleet", "class", "mqtt_host", "mqtt_port"])
-    for c in creds:
-        writer.writerow([c.device_id, c.username, c.password, c.fleet, c.class_name, host, port])
+    rows = [CredentialRow(c.device_id, c.username, c.password, c.class_name, c.fleet, host, port) for c in creds]
     try:
-        write_private_file(path, out.getvalue().encode())
+        write_private_file(path, format_credentials(rows).encode())
     except (OSError, FileExistsError) as exc:
         raise ConfigError(f"cannot write credentials to {path} ({exc})") from exc
 

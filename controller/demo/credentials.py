@@ -15,8 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +22,14 @@ from pathlib import Path
 from edgefleet.controller.artifacts.keys import write_private_file
 from edgefleet.controller.data.registry import Registry
 from edgefleet.controller.errors import ConfigError
+from edgefleet.protocols.credentials_file import (
+    CredentialRow,
+    CredentialsFileError,
+    format_credentials,
+    parse_credentials,
+)
 
-__all__ = ["COLUMNS", "KeptCredential", "credentials_path", "ensure_credentials", "read_kept_credentials"]
-
-# The columns of `edgefleet device register --out` (controller/cli/device.py), read by agent/credentials.py.
-COLUMNS = ("device_id", "username", "password", "fleet", "class", "mqtt_host", "mqtt_port")
-MAX_BYTES = 16 * 1024 * 1024
+__all__ = ["KeptCredential", "credentials_path", "ensure_credentials", "read_kept_credentials"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,36 +51,25 @@ def read_kept_credentials(path: Path) -> dict[str, KeptCredential]:
     if not path.exists():
         return {}
     try:
-        raw = path.read_bytes()
+        rows = parse_credentials(path.read_bytes(), source=str(path))
     except OSError as exc:
         raise ConfigError(f"cannot read the demo's device credentials {path} ({exc.strerror or exc})") from exc
-    if len(raw) > MAX_BYTES:
-        raise ConfigError(f"{path} is {len(raw)} bytes, more than {MAX_BYTES}: not a demo credentials file")
-    try:
-        reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig")))
-        missing = [c for c in COLUMNS[:5] if c not in (reader.fieldnames or [])]
-        rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise ConfigError(f"{path} is not a UTF-8 CSV credentials file ({exc}); use a fresh --home") from exc
-    if missing:
-        raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)}; use a fresh --home")
+    except CredentialsFileError as exc:
+        raise ConfigError(f"{exc}; use a fresh --home") from exc
     kept = {}
     for row in rows:
-        values = [(row.get(c) or "").strip() for c in COLUMNS[:5]]
-        if not all(values):
-            raise ConfigError(f"{path} has a row with an empty {', '.join(COLUMNS[:5])} field; use a fresh --home")
-        kept[values[0]] = KeptCredential(*values)
+        if not row.fleet or not row.device_class:
+            raise ConfigError(f"{path} has a row without its fleet or class; use a fresh --home")
+        kept[row.device_id] = KeptCredential(row.device_id, row.username, row.password, row.fleet, row.device_class)
     return kept
 
 
 def _write(path: Path, rows: Sequence[KeptCredential], *, mqtt_host: str, mqtt_port: int) -> None:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(COLUMNS)
-    for r in rows:
-        writer.writerow([r.device_id, r.username, r.password, r.fleet, r.class_name, mqtt_host, mqtt_port])
+    text = format_credentials(
+        CredentialRow(r.device_id, r.username, r.password, r.class_name, r.fleet, mqtt_host, mqtt_port) for r in rows
+    )
     try:
-        write_private_file(path, out.getvalue().encode())
+        write_private_file(path, text.encode())
     except OSError as exc:
         raise ConfigError(f"cannot write the demo's device credentials {path} ({exc.strerror or exc})") from exc
 

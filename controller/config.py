@@ -212,7 +212,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "shared_group": _to_str,
     "telemetry_window_s": int,
     "telemetry_retention_days": float,
-    "flush_interval_s": float,
+    "flush_interval_s": _positive_float,
     "flush_every": int,
     "recompress": _to_bool,
     "recompress_interval_s": _positive_float,

@@ -32,6 +32,7 @@ from typing import Any
 from edgefleet.controller.config import Settings
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.periodic import Periodic
 from edgefleet.controller.recompress.loop import Builder, BuildRequest, BuildResult, RecompressionLoop
 
 __all__ = ["RecompressionRunner", "default_builder"]
@@ -71,16 +72,21 @@ class RecompressionRunner:
             raise ValueError(f"interval_s must be > 0 (got {interval_s})")
         self.loop = loop
         self.interval_s = interval_s
-        self.steps = 0
-        self.failures = 0
         self.builds = 0
         self._lock = threading.Lock()
         self._building: int | None = None  # the recompression id on the build thread
-        self._stopping = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._recovered = False
+        self._periodic = Periodic(self._step, interval_s=interval_s, name="edgefleet-recompress")
         self._worker: threading.Thread | None = None
         loop.submit = self._submit
+
+    @property
+    def steps(self) -> int:
+        return self._periodic.steps
+
+    @property
+    def failures(self) -> int:
+        return self._periodic.failures
 
     @property
     def building(self) -> int | None:
@@ -88,33 +94,20 @@ class RecompressionRunner:
         return self._building
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._loop, name="edgefleet-recompress", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._periodic.wake()
 
-    def _loop(self) -> None:
-        recovered = False
-        while not self._stopping.is_set():
-            try:
-                if not recovered:
-                    self.loop.recover()
-                    recovered = True
-                self.loop.step()
-                self.steps += 1
-            except Exception:  # the loop must outlive one bad step; the database holds the state
-                self.failures += 1
-                log.exception("recompression step failed; retrying in %ss", self.interval_s)
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
+    def _step(self) -> None:
+        if not self._recovered:  # builds a stopped controller left behind, once per start
+            self.loop.recover()
+            self._recovered = True
+        self.loop.step()
 
     def _submit(self, request: BuildRequest) -> bool:
         with self._lock:
-            if self._stopping.is_set() or self._building is not None:
+            if self._periodic.stopping or self._building is not None:
                 return False
             self._building = request.recompression_id
             self._worker = threading.Thread(
@@ -136,14 +129,14 @@ class RecompressionRunner:
             try:
                 result = builder(request)
             except Exception as exc:  # any failure ends this recompression, not the controller
-                if not self._stopping.is_set():
+                if not self._periodic.stopping:
                     if isinstance(exc, ControllerError):  # an expected refusal (no key, no model): no traceback
                         log.warning("recompression %s: the build failed: %s", request.recompression_id, exc)
                     else:
                         log.exception("recompression %s: the build failed", request.recompression_id)
                     self.loop.fail(request.recompression_id, f"build failed: {exc}")
                 return
-            if self._stopping.is_set():  # stopped meanwhile: the row stays building and the next start retries it
+            if self._periodic.stopping:  # stopped meanwhile: the row stays building and the next start retries it
                 log.warning("recompression %s: build finished after stop; not recorded", request.recompression_id)
                 return
             self.loop.record_build(request.recompression_id, result)
@@ -159,17 +152,13 @@ class RecompressionRunner:
         finally:
             with self._lock:
                 self._building = None
-            if not self._stopping.is_set():
-                self._wake.set()  # the next step follows up now (auto approval, the next build)
+            if not self._periodic.stopping:
+                self._periodic.wake()  # the next step follows up now (auto approval, the next build)
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop stepping; wait at most `timeout` seconds in all (a running build is abandoned, see the module doc)."""
         deadline = time.monotonic() + timeout
-        self._stopping.set()
-        self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._periodic.stop(timeout=timeout)
         with self._lock:
             worker = self._worker
         if worker is not None:

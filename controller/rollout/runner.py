@@ -13,14 +13,10 @@ Example::
 
 from __future__ import annotations
 
-import logging
-import threading
-
+from edgefleet.controller.periodic import Periodic
 from edgefleet.controller.rollout.engine import RolloutEngine
 
 __all__ = ["RolloutRunner"]
-
-log = logging.getLogger(__name__)
 
 
 class RolloutRunner:
@@ -29,36 +25,21 @@ class RolloutRunner:
     def __init__(self, engine: RolloutEngine, *, interval_s: float = 1.0) -> None:
         self.engine = engine
         self.interval_s = interval_s
-        self.ticks = 0
-        self.failures = 0
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic(engine.tick, interval_s=interval_s, name="edgefleet-rollouts")
+
+    @property
+    def ticks(self) -> int:
+        return self._periodic.steps
+
+    @property
+    def failures(self) -> int:
+        return self._periodic.failures
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._loop, name="edgefleet-rollouts", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.engine.tick()
-                self.ticks += 1
-            except Exception:  # the loop must outlive one bad tick; the database holds the state
-                self.failures += 1
-                log.exception("rollout engine tick failed; retrying in %ss", self.interval_s)
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
+        self._periodic.wake()
 
     def stop(self, *, timeout: float = 10.0) -> None:
-        thread, self._thread = self._thread, None
-        self._stopping.set()
-        self._wake.set()
-        if thread is not None:
-            thread.join(timeout)
+        self._periodic.stop(timeout=timeout)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.tables import utcnow
 from edgefleet.controller.errors import ControllerError
+from edgefleet.controller.periodic import Periodic
 from edgefleet.controller.service.directory import DeviceDirectory, DeviceInfo
 from edgefleet.controller.service.metrics import ControllerMetrics
 from edgefleet.controller.service.ratelog import RateLimitedLog
@@ -106,9 +106,7 @@ class ControllerService:
         self._last_seq: dict[str, tuple[str, int]] = {}
         self._topics: dict[str, ParsedTopic] = {}
         self._accepted_telemetry = metrics.messages_accepted.labels(TopicKind.TELEMETRY.value)
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._flusher = Periodic(self.flush, interval_s=flush_interval_s, name="edgefleet-flush", wait_first=True)
         self.flush_errors = 0
         self._handlers: dict[TopicKind, Callable[[ParsedTopic, DeviceInfo, bytes], None]] = {
             TopicKind.TELEMETRY: self._on_telemetry,
@@ -185,8 +183,8 @@ class ControllerService:
         self.metrics.record_telemetry(info.class_name, batch.model_name or "none", batch.model_version, batch)
         self.rollups.add(device_id, info.class_name, batch, received_at=self.clock())
         self._accepted_telemetry.inc()
-        if self.rollups.pending_messages >= self.flush_every and not self._wake.is_set():
-            self._wake.set()
+        if self.rollups.pending_messages >= self.flush_every and not self._flusher.woken:
+            self._flusher.wake()
 
     # ------------------------------------------------------------------ state messages
     def _on_birth(self, parsed: ParsedTopic, info: DeviceInfo, payload: bytes) -> None:
@@ -228,25 +226,11 @@ class ControllerService:
             return 0
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._flush_loop, name="edgefleet-flush", daemon=True)
-        self._thread.start()
-
-    def _flush_loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self.flush_interval_s)
-            self._wake.clear()
-            self.flush()
+        self._flusher.start()
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop the flusher and write what is pending (retrying briefly if the database is busy)."""
-        thread, self._thread = self._thread, None
-        self._stopping.set()
-        self._wake.set()
-        if thread is not None:
-            thread.join(timeout)
+        self._flusher.stop(timeout=timeout)
         deadline = time.monotonic() + timeout
         while self.rollups.pending_messages and time.monotonic() < deadline:
             if not self.flush():

@@ -58,6 +58,7 @@ class Agent:
     # slots, lazily built topics and a shared lock keep a simulated device near 10 KiB (benchmarks/simulator.py)
     __slots__ = (
         "_bad_messages",
+        "_connection_stamp",
         "_corrupted",
         "_dropped",
         "_label_credit",
@@ -95,6 +96,9 @@ class Agent:
         self.config = config
         self.reactor = reactor
         self.wall = wall
+        # When the current (or next) connection started: its last will, its online status and its birth carry it,
+        # so the controller applies this connection's will and ignores an older connection's late one.
+        self._connection_stamp = wall()
         self._sessions = sessions
         self._on_crash = on_crash
         device = config.device_id
@@ -107,7 +111,7 @@ class Agent:
             port=config.port,
             username=config.username or device,
             password=config.password,
-            will=Will(self._topic(topics.TopicKind.STATUS), self._status(DeviceState.OFFLINE)),
+            will=self._will,
             keepalive=config.keepalive_s,
             on_message=self._on_message,
             on_connect=self._on_connect,
@@ -192,13 +196,20 @@ class Agent:
     def _status(self, state: DeviceState) -> bytes:
         return encode(Status(state=state, timestamp=self.wall()))
 
+    def _will(self) -> Will:
+        """The last will of the connection about to be made, stamped with its start (see `_connection_stamp`)."""
+        self._connection_stamp = self.wall()
+        offline = Status(state=DeviceState.OFFLINE, timestamp=self._connection_stamp)
+        return Will(self._topic(topics.TopicKind.STATUS), encode(offline))
+
     def _on_connect(self, session_present: bool) -> None:
         if not self.alive:
             return
         self.link.subscribe(topics.device_filters(self.config.fleet, self.config.device_id))
         if self._watched:
             self.link.subscribe([self._artifact_topic(d) for d in self._watched], qos=0)
-        self.link.publish(self._topic(topics.TopicKind.STATUS), self._status(DeviceState.ONLINE), qos=1, retain=True)
+        online = encode(Status(state=DeviceState.ONLINE, timestamp=self._connection_stamp))
+        self.link.publish(self._topic(topics.TopicKind.STATUS), online, qos=1, retain=True)
         self.link.publish(self._topic(topics.TopicKind.BIRTH), encode(self.birth()), qos=1)
         self.telemetry.drain()
         self.updater.on_connected()
@@ -397,5 +408,5 @@ class Agent:
             slots=SlotState(**slots),
             job_id=rec.job_id,
             job_state=self.updater.report_state(),
-            timestamp=self.wall(),
+            timestamp=self._connection_stamp,  # the connection's start, as its will and online status say
         )

@@ -170,8 +170,8 @@ class MqttLink:
 
     __slots__ = ("_answered", "_attempts", "_client", "_keepalive", "_misc_timer", "_on_connect", "_on_disconnect",
                  "_on_message", "_on_publish", "_reconnect_max_s", "_reconnect_min_s", "_retry_timer",
-                 "_session_expiry_s", "_sock", "_tls_reported", "_wanted", "client_id", "connected", "connects", "host",
-                 "last_error", "port", "reactor", "tls")  # fmt: skip
+                 "_session_expiry_s", "_sock", "_tls_reported", "_wanted", "_will", "client_id", "connected",
+                 "connects", "host", "last_error", "port", "reactor", "tls")  # fmt: skip
 
     def __init__(
         self,
@@ -186,7 +186,7 @@ class MqttLink:
         on_publish: Callable[[int], None] | None = None,
         username: str | None = None,
         password: str | None = None,
-        will: Will | None = None,
+        will: Will | Callable[[], Will] | None = None,
         keepalive: int = 60,
         session_expiry_s: int = SESSION_EXPIRY_S,
         reconnect_min_s: float = 0.25,
@@ -223,8 +223,8 @@ class MqttLink:
         )
         if username is not None:
             client.username_pw_set(username, password)
-        if will is not None:
-            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        # A callable will is asked again before every connection attempt (its payload names that connection).
+        self._will = will
         client.max_inflight_messages_set(max_inflight)
         if tls is not None:
             client.tls_set_context(tls)
@@ -332,6 +332,9 @@ class MqttLink:
         if not self._wanted or self._sock is not None:
             return
         props = _connect_properties(self._session_expiry_s)
+        will = self._will() if callable(self._will) else self._will
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         try:
             if self.connects == 0 and self._attempts == 0:
                 self._client.connect(

@@ -172,3 +172,31 @@ def test_the_controller_reconnects_after_a_broker_restart(cli, managed_broker, p
         device.disconnect()
     finally:
         app.stop()
+
+
+def test_a_killed_agent_is_seen_offline(setup: Setup, running: ControllerApp, profiles: Path, tmp_path: Path) -> None:
+    """kill -9 of a real `edgefleet-agent run`: the broker sends its last will, and the controller applies it (the
+    will used to be stamped before the online status of the same connection, so every will was ignored)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    agent = Path(sys.executable).with_name("edgefleet-agent")
+    args = [str(agent), "run", "--device", "pi-1", "--class", str(profiles / "rpi4.toml"), "--fleet", setup.fleet]
+    args += ["--host", setup.host, "--port", str(setup.port), "--data-dir", str(tmp_path / "pi-1")]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+
+        def state() -> str:
+            return str(setup.cli.json("device", "show", "pi-1")["state"])  # type: ignore[attr-defined]
+
+        assert wait_for(lambda: state() == "online", timeout=30, step=0.3)
+        time.sleep(1.5)  # the birth and the online status are in: a will must still count after them
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        assert wait_for(lambda: state() == "offline", timeout=20, step=0.3), "the last will was ignored"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

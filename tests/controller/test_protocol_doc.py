@@ -1,14 +1,16 @@
 """docs/protocol.md's "Playing a device with mosquitto_pub and mosquitto_sub", steps 1 and 2, run as written.
 
 The shell blocks of step 1 (listen for commands, with a persistent session and a last will) and step 2 (say hello:
-a retained online status and a birth) are read from the doc and run with bash against a Mosquitto of the test's own
-(anonymous, on a free port: `-h localhost` becomes `-h 127.0.0.1 -p PORT`), with a controller serving fleet
-`plant-a` where `cam-17` is registered. The controller must then see cam-17 online: the doc's payloads are what the
-controller accepts. Later steps need a deploy's job id and hashes typed in by hand; they are not run here.
+a retained online status and a birth) are read from the doc and run in one bash, as the doc says (the listener in the
+background), against a Mosquitto of the test's own (anonymous, on a free port: `-h localhost` becomes
+`-h 127.0.0.1 -p PORT`), with a controller serving fleet `plant-a` where `cam-17` is registered. The controller must
+see cam-17 online (the doc's payloads are what it accepts), then offline once the listener is killed (the doc's will
+is one the controller applies). Later steps need a deploy's job id and hashes typed in by hand; they are not run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -81,26 +83,28 @@ def test_playing_a_device_says_hello_as_written(cli, broker: ManagedMosquitto, p
     listen, hello = (
         b.replace("-h localhost", f"-h {broker.host} -p {broker.port}") for b in steps(DOC.read_text())[:2]
     )
+    # One shell, as the doc says: step 1's listener in the background (its T and NOW are step 2's), then step 2.
+    script = f"{listen.rstrip()} &\nsleep 1.5\n{hello}\n"
     app.start()
     log = (tmp_path / "listen.log").open("wb")
-    listener = subprocess.Popen(
-        ["bash", "-c", listen], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    shell = subprocess.Popen(
+        ["bash", "-c", script], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        # it keeps running once subscribed; one that cannot connect or parse its options exits at once
-        assert not wait_for(lambda: listener.poll() is not None, timeout=1.5), _tail(tmp_path)
-        said = subprocess.run(["bash", "-c", hello], cwd=tmp_path, capture_output=True, timeout=30, check=False)
-        assert said.returncode == 0, said.stderr.decode()
+        assert shell.wait(timeout=30) == 0, _tail(tmp_path)
         assert wait_for(lambda: cli.json("device", "show", "cam-17")["state"] == "online", timeout=15, step=0.3), (
             app.service.stats()
         )
         shown = cli.json("device", "show", "cam-17")
         assert shown["fleet"] == "plant-a"
         assert shown["class"] == "rpi4"
+        os.killpg(shell.pid, signal.SIGKILL)  # the listener dies without a DISCONNECT: the broker sends its will
+        assert wait_for(lambda: cli.json("device", "show", "cam-17")["state"] == "offline", timeout=15, step=0.3), (
+            "the doc's last will was not applied"
+        )
     finally:
-        if listener.poll() is None:
-            os.killpg(listener.pid, signal.SIGTERM)
-        listener.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
         log.close()
         app.stop()
 

@@ -252,6 +252,8 @@ class Agent:
                 self._maybe_drop()
         except ProtocolError as exc:
             self._bad_message(f"message on {topic}", exc)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop (or spin) the loop; logged once a minute
+            self._bad_message(f"message on {topic} (it failed: {type(exc).__name__})", exc)
 
     def _maybe_drop(self) -> None:
         fraction = self.config.faults.drop_at_fraction

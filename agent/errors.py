@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
+from edgefleet.protocols.codes import ResultCode
+
 __all__ = [
     "AgentError",
     "InferenceError",
@@ -9,7 +13,11 @@ __all__ = [
     "StateError",
     "TransferError",
     "TransitionError",
+    "storage_code",
 ]
+
+# A full, over-quota, read-only or too-small file system: the device cannot store the model.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
 class AgentError(RuntimeError):
@@ -39,3 +47,14 @@ class TransferError(AgentError):
         super().__init__(message)
         self.artifact = artifact
         self.block = block
+
+
+def storage_code(exc: BaseException, *, otherwise: ResultCode = ResultCode.INSTALL_FAILED) -> ResultCode:
+    """`NO_STORAGE` when `exc` (or what caused it) is an OSError of the storage: full, over quota, read-only, or
+    failing (EIO); `otherwise` for anything else."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and (seen.errno in _NO_SPACE or seen.errno == errno.EIO):
+            return ResultCode.NO_STORAGE
+        seen = seen.__cause__ or seen.__context__
+    return otherwise

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.download import Download
-from edgefleet.agent.errors import AgentError, SlotError, TransitionError
+from edgefleet.agent.errors import AgentError, SlotError, TransitionError, storage_code
 from edgefleet.agent.intake import handle_command
 from edgefleet.agent.jobstore import JobRecord, JobStore
 from edgefleet.agent.machine import TERMINAL, Event, State, next_state
@@ -174,8 +174,10 @@ class Updater:
             self.host.crash()
         except (AgentError, ProtocolError, OSError) as exc:  # a step that breaks fails its job, not the agent
             log.exception("device %s: %s failed", self.config.device_id, self.record.state)
-            code = getattr(exc, "result_code", ResultCode.INTERNAL_ERROR)
-            self.move(Event.FAIL, result=code, detail=str(exc))
+            if isinstance(exc, ProtocolError):
+                self._fail_job(exc.result_code, str(exc))
+            else:
+                self._fail_job(storage_code(exc, otherwise=ResultCode.INTERNAL_ERROR), str(exc))
 
     # -- start and commands ---------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -214,7 +216,36 @@ class Updater:
         return current.version
 
     def on_command(self, command: DeployCommand | RollbackCommand | ConfigureCommand) -> None:
-        handle_command(self, command)
+        try:
+            handle_command(self, command)
+        except (AgentError, OSError) as exc:
+            self.fail_on_storage(exc)
+
+    def fail_on_storage(self, exc: AgentError | OSError) -> None:
+        """The current job cannot go on because the device's storage failed (full, read-only, ...): it fails with
+        `no_storage` (or `install_failed` for another cause) and the reason, its download stops, and nothing is
+        raised, so the message loop goes on. Where even the job record cannot be written, the failure is still
+        reported (the record is retried at the next start)."""
+        if self.fetcher is not None:
+            self.fetcher.cancel()
+        rec = self.record
+        code = storage_code(exc)
+        log.error("device %s job %s: %s", self.config.device_id, rec.job_id, exc)
+        if rec.job_id is None or rec.state in TERMINAL:
+            return
+        self._fail_job(code, str(exc))
+
+    def _fail_job(self, code: ResultCode, detail: str) -> None:
+        """Fail the current job; where even its record cannot be saved (a full disk), report the failure anyway
+        and clean up (the record is retried at the next start). Raises nothing."""
+        try:
+            self.move(Event.FAIL, result=code, detail=detail[:400])
+        except (AgentError, OSError) as again:
+            log.warning(
+                "device %s job %s: cannot record the failure (%s)", self.config.device_id, self.record.job_id, again
+            )
+            self.report()
+            self.reactor.call_later(0, self._act)
 
     def start_job(self, job_id: str, manifest: SignedManifest, *, rollback: bool) -> None:
         """Make `manifest` the current job's (the caller then moves on DEPLOY or FAIL)."""
@@ -273,7 +304,10 @@ class Updater:
 
     def on_block(self, block: Block) -> None:
         if self.fetcher is not None and block.artifact_sha256 == self.fetcher.download.artifact:
-            self.fetcher.on_block(block)
+            try:
+                self.fetcher.on_block(block)
+            except (AgentError, OSError) as exc:  # a block that cannot be written: no space, read-only storage
+                self.fail_on_storage(exc)
 
     def on_connected(self) -> None:
         if self.fetcher is not None and not self.fetcher.done:
@@ -307,8 +341,7 @@ class Updater:
         try:
             install_into_slot(self.slots, self._open_download(manifest), manifest, crash=crash)
         except SlotError as exc:
-            code = ResultCode.NO_STORAGE if "space" in str(exc).lower() else ResultCode.INSTALL_FAILED
-            self.move(Event.FAIL, result=code, detail=str(exc))
+            self.move(Event.FAIL, result=storage_code(exc), detail=str(exc))
             return
         self.move(Event.INSTALLED)
 

@@ -32,6 +32,12 @@ def _engine() -> tuple[Any, Any]:
     return examples, export
 
 
+def _check_example(examples: Any, name: str) -> None:
+    known = [e.value for e in examples.Example]
+    if name not in known:
+        raise ControllerError(f"no shipped example {name!r}: choose one of {', '.join(known)}")
+
+
 def _compression_error() -> type[Exception]:
     from edgefleet.compression.errors import CompressionError
 
@@ -41,9 +47,7 @@ def _compression_error() -> type[Exception]:
 def example_onnx(name: str, *, width: float = 1.0, epochs: int | None = None) -> tuple[bytes, str]:
     """Train a shipped example model and export it; returns the ONNX bytes and a source description."""
     examples, export = _engine()
-    known = [e.value for e in examples.Example]
-    if name not in known:
-        raise ControllerError(f"no shipped example {name!r}: choose one of {', '.join(known)}")
+    _check_example(examples, name)
     try:
         model, task = examples.train_example(name, width=width, epochs=epochs)
         data: bytes = export.export_onnx(model, task.x_val[:1])
@@ -79,9 +83,7 @@ def held_out_npz(*, example: str | None = None, data: Path | None = None) -> tup
 
     try:
         if example is not None:
-            known = [e.value for e in examples.Example]
-            if example not in known:
-                raise ControllerError(f"no shipped example {example!r}: choose one of {', '.join(known)}")
+            _check_example(examples, example)
             task = examples.EXAMPLES[examples.Example(example)].task()
         elif data is not None:
             task = load_npz(data)

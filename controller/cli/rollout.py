@@ -21,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from edgefleet.controller.cli.common import JsonOpt, emit, guarded, open_registry, to_jsonable
-from edgefleet.controller.data.states import FINAL_ROLLOUT_STATES, FINAL_ROW_STATES
+from edgefleet.controller.data.states import FINAL_ROLLOUT_STATES, FINAL_ROW_STATES, RolloutState
 from edgefleet.controller.errors import ConfigError
 from edgefleet.controller.rollout.api import Rollouts
 from edgefleet.controller.rollout.plan import GateConfig, Selector, WavePlan, parse_canary
@@ -159,9 +159,9 @@ def status(
         typer.echo(json.dumps(view, indent=2, sort_keys=True))
     else:
         Console().print(render(view))
-    if view["state"] == "aborted":
+    if view["state"] == RolloutState.ABORTED:
         raise typer.Exit(EXIT_ABORTED)
-    if view["state"] == "paused":
+    if view["state"] == RolloutState.PAUSED:
         if watch and not as_json:
             typer.echo(f"paused: `edgefleet rollout resume {rid}` goes on, `edgefleet rollout abort {rid}` stops it")
         raise typer.Exit(EXIT_PAUSED)
@@ -171,7 +171,7 @@ def _settled(view: dict[str, Any]) -> bool:
     """Nothing left to wait for: the rollout ended, or it is paused (an operator decides) with no device in flight."""
     if view["unfinished_devices"]:
         return False
-    return view["state"] in FINAL_ROLLOUT_STATES or view["state"] == "paused"
+    return view["state"] in FINAL_ROLLOUT_STATES or view["state"] == RolloutState.PAUSED
 
 
 def _watch(rollouts: Rollouts, rid: int, *, interval: float, as_json: bool) -> dict[str, Any]:

@@ -4,6 +4,7 @@ fleet summary `edgefleet serve` prints while it runs."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from sqlmodel import col, select
@@ -18,8 +19,6 @@ __all__ = ["device_detail", "fleet_line", "job_row"]
 
 def fleet_line(db: Database, fleet: str) -> str:
     """Devices online per class and the model versions they run, and live rollouts, in one line."""
-    from collections import Counter
-
     with db.reading("summarizing the fleet") as session:
         devices = session.exec(select(Device).where(Device.fleet == fleet)).all()
         live = session.exec(select(Rollout).where(col(Rollout.state).in_([s.value for s in LIVE_ROLLOUT_STATES]))).all()

@@ -217,3 +217,33 @@ def job_event(job_id: str, state: str, *, result: int = 0, version: int | None =
 def wire() -> types.SimpleNamespace:
     """Builders of valid device payloads: wire.telemetry(seq, ...), wire.birth(...), wire.status(...), ..."""
     return types.SimpleNamespace(telemetry=telemetry, birth=birth, status=status, job_event=job_event, T0=T0)
+
+
+@pytest.fixture
+def serving_home() -> Callable[..., tuple[str, Any]]:
+    """`serving_home(cli, broker, onnx, devices=N, artifacts=K)`: see `_serving_home`."""
+    return _serving_home
+
+
+def _serving_home(cli: Cli, broker: Any, onnx: Path, *, devices: int, artifacts: int) -> tuple[str, Any]:
+    """A home with a fleet of its own on `broker` (unique ids: the broker may be shared): class rpi4, `devices`
+    registered as FLEET-00000..., model `tiny` signed `artifacts` times. Returns the fleet and the controller's
+    settings (a free metrics port, a fast flush)."""
+    import dataclasses
+
+    from edgefleet.controller.broker.mosquitto import free_port
+    from edgefleet.controller.config import load_settings
+
+    fleet = f"f{uuid.uuid4().hex[:10]}"
+    cli.env.update(
+        {"EDGEFLEET_FLEET": fleet, "EDGEFLEET_MQTT_HOST": broker.host, "EDGEFLEET_MQTT_PORT": str(broker.port),
+         "EDGEFLEET_MQTT_CLIENT_ID": f"ctl-{fleet}"}
+    )  # fmt: skip
+    cli.ok("init")
+    cli.ok("class", "add", "rpi4", "--profile", str(PROFILES / "rpi4.toml"))
+    cli.ok("device", "register", "--class", "rpi4", *[f"--id={fleet}-{i:05d}" for i in range(devices)])
+    cli.ok("model", "add", "tiny", "--onnx", str(onnx))
+    for _ in range(artifacts):
+        cli.ok("artifact", "add", "tiny", "--class", "rpi4")
+    settings = load_settings(flags={"home": cli.home}, env=cli.env)
+    return fleet, dataclasses.replace(settings, metrics_port=free_port(), flush_interval_s=0.1)

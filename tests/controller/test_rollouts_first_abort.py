@@ -13,12 +13,12 @@ know is one counted rejection.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import threading
-import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -30,8 +30,6 @@ from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
 from edgefleet.controller.artifacts.catalog import ArtifactCatalog
 from edgefleet.controller.artifacts.keys import load_signing_key, public_raw
 from edgefleet.controller.artifacts.store import ArtifactStore
-from edgefleet.controller.broker.mosquitto import free_port
-from edgefleet.controller.config import load_settings
 from edgefleet.controller.data.db import Database
 from edgefleet.controller.data.registry import Registry
 from edgefleet.controller.data.states import FINAL_ROW_STATES
@@ -61,22 +59,11 @@ WAITING_GATES = GateConfig(min_devices=1, data_wait_s=3600)  # no telemetry come
 @pytest.mark.mqtt
 @pytest.mark.slow
 def test_aborting_a_first_rollout_closes_every_rollback_and_keeps_the_model(
-    cli, mqtt_broker, tmp_path: Path, tiny_onnx: Path
+    cli, mqtt_broker, tmp_path: Path, tiny_onnx: Path, serving_home: Callable[..., tuple[str, Any]]
 ) -> None:
-    fleet = f"f{uuid.uuid4().hex[:10]}"
-    host, port = mqtt_broker.host, mqtt_broker.port
-    cli.env.update(
-        {"EDGEFLEET_FLEET": fleet, "EDGEFLEET_MQTT_HOST": host, "EDGEFLEET_MQTT_PORT": str(port),
-         "EDGEFLEET_MQTT_CLIENT_ID": f"ctl-{fleet}"}
-    )  # fmt: skip
-    cli.ok("init")
-    cli.ok("class", "add", "rpi4", "--profile", str(PROFILES / "rpi4.toml"))
+    fleet, settings = serving_home(cli, mqtt_broker, tiny_onnx, devices=N, artifacts=1)
     ids = [f"{fleet}-{i:05d}" for i in range(N)]
-    cli.ok("device", "register", "--class", "rpi4", *[f"--id={i}" for i in ids])
-    cli.ok("model", "add", "tiny", "--onnx", str(tiny_onnx))
-    cli.ok("artifact", "add", "tiny", "--class", "rpi4")
-    settings = load_settings(flags={"home": cli.home}, env=cli.env)
-    settings = dataclasses.replace(settings, metrics_port=free_port(), flush_interval_s=0.1)
+    host, port = mqtt_broker.host, mqtt_broker.port
     app = ControllerApp(settings, rollout_interval_s=0.2)
     app.start(metrics_server=False)
     stop = threading.Event()

@@ -7,11 +7,11 @@ version 1 from their other slot.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
-import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,8 +20,6 @@ from waiting import wait_for
 from edgefleet.agent.replay import load_dataset
 from edgefleet.agent.simulator import FleetSimulator, SimulatorSpec
 from edgefleet.controller.artifacts.keys import load_signing_key, public_raw
-from edgefleet.controller.broker.mosquitto import free_port
-from edgefleet.controller.config import load_settings
 from edgefleet.controller.rollout.api import Rollouts
 from edgefleet.controller.rollout.plan import GateConfig, WavePlan
 from edgefleet.controller.rollout.status import describe
@@ -36,23 +34,10 @@ N = 6
 
 
 def test_real_agents_take_a_rollout_then_roll_back_an_aborted_one(
-    cli, mqtt_broker, tmp_path: Path, tiny_onnx: Path
+    cli, mqtt_broker, tmp_path: Path, tiny_onnx: Path, serving_home: Callable[..., tuple[str, Any]]
 ) -> None:
-    fleet = f"e{uuid.uuid4().hex[:10]}"
+    fleet, settings = serving_home(cli, mqtt_broker, tiny_onnx, devices=N, artifacts=2)
     host, port = mqtt_broker.host, mqtt_broker.port
-    cli.env.update(
-        {"EDGEFLEET_FLEET": fleet, "EDGEFLEET_MQTT_HOST": host, "EDGEFLEET_MQTT_PORT": str(port),
-         "EDGEFLEET_MQTT_CLIENT_ID": f"ctl-{fleet}"}
-    )  # fmt: skip
-    cli.ok("init")
-    cli.ok("class", "add", "rpi4", "--profile", str(PROFILES / "rpi4.toml"))
-    ids = [f"{fleet}-{i:05d}" for i in range(N)]  # unique client ids: the broker may be shared
-    cli.ok("device", "register", "--class", "rpi4", *[f"--id={i}" for i in ids])
-    cli.ok("model", "add", "tiny", "--onnx", str(tiny_onnx))
-    cli.ok("artifact", "add", "tiny", "--class", "rpi4")
-    cli.ok("artifact", "add", "tiny", "--class", "rpi4")
-    settings = load_settings(flags={"home": cli.home}, env=cli.env)
-    settings = dataclasses.replace(settings, metrics_port=free_port(), flush_interval_s=0.1)
     # The controller as `edgefleet serve` runs it: its own rollout runner advances the rollouts.
     app = ControllerApp(settings, rollout_interval_s=0.2)
     app.start(metrics_server=False)
